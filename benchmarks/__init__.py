@@ -1,0 +1,1 @@
+"""Benchmark scripts that print measured tables (also reachable as `mebt bench ...`)."""

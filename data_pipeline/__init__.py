@@ -1,0 +1,1 @@
+"""Video reading, synthetic data, sharded preprocessing, shard verification and streaming loading."""

@@ -1,0 +1,1 @@
+"""SLURM (submitit) and local launchers."""

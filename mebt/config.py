@@ -1,0 +1,156 @@
+"""Typed configuration: dataclasses per component, YAML files merged into them, dotted CLI overrides.
+
+Every component owns a dataclass (``MeBTConfig``, ``ObjectiveConfig``, ...). A run config nests them.
+``load_config(RunConfig, "configs/x.yaml", ["model.n_layer=4"])`` builds one, and every problem
+(unknown key, wrong type, inconsistent values) is a single ``ConfigError`` line that names the key.
+Consistency checks live in each dataclass's ``__post_init__`` so configs built in code are checked too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting YAML lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}' has an invalid value {value!r} (expected {_type_name(tp)})")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} items, got {len(items)}")
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys are rejected by name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if not prefix or msg.startswith(f"config key '{prefix}") else _prefixed(msg, prefix)) from None
+
+
+def _prefixed(msg: str, prefix: str) -> str:
+    # A dataclass's own check names its field as 'config key 'x''; give it its full dotted path.
+    return msg.replace("config key '", f"config key '{prefix}", 1)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML, JSON and MLflow params."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'model': {'n_layer': 4}} -> {'model.n_layer': 4}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.n_layer=4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (pass an existing YAML file, e.g. configs/tiny.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Any:
+    """YAML file (optional) + dotted overrides -> validated dataclass instance."""
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))

@@ -1,0 +1,191 @@
+"""MeBT: Memory-efficient Bidirectional Transformer (Yoo et al., CVPR 2023) in one file.
+
+A video is a T' x H' x W' grid of VQGAN codes, flattened to N positions. Some positions are observed
+("contexts"), the rest are to be predicted ("targets"). Instead of full N x N attention, a fixed set of
+N_L learned latent tokens reads the contexts (``latent_enc``), thinks (``latent_self``), and the targets
+read the latents (``latent_dec``) while the latents also read the targets (``lt2l``). Every attention has
+one side of size N_L, so the cost is linear in N.
+
+Two numerics: ``official`` reproduces the released checkpoints (one LayerNorm shared by query and key,
+residual added to the *normalized* query); ``preln`` is the standard pre-LN residual.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from mebt.config import ConfigError
+
+LAYER_KINDS = ("latent_enc", "latent_self", "latent_dec", "lt2l")
+
+
+def paper_layer_plan(n_layer: int) -> list[str]:
+    """The paper's plan scaled to ``n_layer``: [enc, self] x a, enc, [dec, lt2l] x b, dec.
+
+    24 layers give a=6, b=5, exactly the published stack; the encoder side gets the extra pair when odd.
+    """
+    if n_layer < 2 or n_layer % 2:
+        raise ConfigError(f"config key 'n_layer' must be an even number >= 2 for the paper's plan, got {n_layer} "
+                          "(or give an explicit layer_plan)")
+    pairs = n_layer // 2 - 1
+    a = (pairs + 1) // 2
+    b = pairs - a
+    return ["latent_enc", "latent_self"] * a + ["latent_enc"] + ["latent_dec", "lt2l"] * b + ["latent_dec"]
+
+
+@dataclass
+class MeBTConfig:
+    vocab_size: int = 16384                             # tokenizer codebook size
+    latent_shape: tuple[int, int, int] = (4, 16, 16)    # T' x H' x W' code grid (16 frames of 128x128)
+    block_size: Optional[int] = None                    # flattened grid size; derived when omitted
+    n_layer: int = 24
+    layer_plan: Optional[list[str]] = None              # explicit block kinds; default: paper_layer_plan
+    n_embd: int = 1024
+    n_head: int = 16
+    n_latent: int = 256
+    dropout: float = 0.0
+    numerics: Literal["official", "preln"] = "official"
+    grad_checkpoint: bool = False                       # recompute each block in backward
+
+    def __post_init__(self):
+        for key in ("vocab_size", "n_layer", "n_embd", "n_head", "n_latent"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
+        if any(s < 1 for s in self.latent_shape):
+            raise ConfigError(f"config key 'latent_shape' must be positive sizes, got {list(self.latent_shape)}")
+        n = math.prod(self.latent_shape)
+        if self.block_size is None:
+            self.block_size = n
+        elif self.block_size != n:
+            raise ConfigError(f"config key 'block_size' ({self.block_size}) does not match latent_shape "
+                              f"{list(self.latent_shape)} = {n} positions: set block_size={n} or omit it")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"config key 'n_head' ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config key 'dropout' must be in [0, 1), got {self.dropout}")
+        if self.layer_plan is not None:
+            bad = [k for k in self.layer_plan if k not in LAYER_KINDS]
+            if bad:
+                raise ConfigError(f"config key 'layer_plan' has unknown block kind '{bad[0]}' "
+                                  f"(known: {', '.join(LAYER_KINDS)})")
+            if len(self.layer_plan) != self.n_layer:
+                raise ConfigError(f"config key 'n_layer' ({self.n_layer}) does not match layer_plan's "
+                                  f"{len(self.layer_plan)} blocks: set n_layer={len(self.layer_plan)}")
+            if self.layer_plan[-1] != "latent_dec":
+                raise ConfigError("config key 'layer_plan' must end with latent_dec: only target updates reach the logits")
+        self.plan  # validates the derived plan too
+
+    @property
+    def plan(self) -> list[str]:
+        return list(self.layer_plan) if self.layer_plan is not None else paper_layer_plan(self.n_layer)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries ``x`` over a key/value sequence ``kv`` (bias-free scores, no mask)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0):
+        super().__init__()
+        self.query = nn.Linear(n_embd, n_embd)
+        self.key = nn.Linear(n_embd, n_embd)
+        self.value = nn.Linear(n_embd, n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head = n_head
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, kv, causal: bool = False, cache=None):
+        heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.n_head)
+        q, k, v = heads(self.query(x)), heads(self.key(kv)), heads(self.value(kv))
+        if cache is not None:  # autoregressive decoding: append this step's keys/values, attend to all so far
+            k, v = cache.update(k, v)
+        if k.shape[2] == 0:
+            # No observed tokens yet (first sampling step): an empty attention sum is zero, as in the
+            # official einsum implementation; SDPA would return NaN here.
+            y = torch.zeros_like(q)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(rearrange(y, "b h n d -> b n (h d)")))
+
+
+class Block(nn.Module):
+    """x = q + Attn(LN(q), LN(kv)); x = x + MLP(LN2(x)). Self-attention when ``kv`` is None."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, official: bool = False):
+        super().__init__()
+        self.official = official
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = Attention(n_embd, n_head, dropout)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x, kv=None, causal: bool = False, cache=None):
+        xn = self.ln1(x)
+        kvn = xn if kv is None else self.ln1(kv)
+        # The official block adds attention to the normalized query; released checkpoints depend on it.
+        x = (xn if self.official else x) + self.attn(xn, kvn, causal, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """N(0, 0.02) for linear and embedding weights, zero biases (the GPT/MeBT convention)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+class MeBT(nn.Module):
+    def __init__(self, cfg: MeBTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.mask_emb = nn.Parameter(torch.randn(d) * 0.02)           # what a target position looks like
+        self.pos_emb = nn.Parameter(torch.randn(cfg.block_size, d) * 0.02)
+        self.latents = nn.Parameter(torch.randn(cfg.n_latent, d) * 0.02)  # the N_L latent tokens
+        self.drop = nn.Dropout(cfg.dropout)
+        self.kinds = cfg.plan
+        official = cfg.numerics == "official"
+        self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, official) for _ in self.kinds)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.apply(init_weights)
+
+    def _block(self, i: int, x, kv):
+        if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self.blocks[i], x, kv, use_reentrant=False)
+        return self.blocks[i](x, kv)
+
+    def forward(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+        """Logits [B, N_tgt, vocab] for the target positions.
+
+        codes: [B, N] (or [B, T', H', W']) long; ctx_idx: [B, N_ctx] and tgt_idx: [B, N_tgt] long positions in
+        the flattened grid, the same counts for every sample. Codes at target positions are never read, so
+        the answer cannot leak into the input.
+        """
+        codes = codes.flatten(1)
+        ctx = self.drop(self.tok_emb(codes.gather(1, ctx_idx)) + self.pos_emb[ctx_idx])
+        tgt = self.drop(self.mask_emb + self.pos_emb[tgt_idx])
+        lat = self.latents.expand(codes.shape[0], -1, -1)
+        for i, kind in enumerate(self.kinds):
+            if kind == "latent_enc":
+                lat = self._block(i, lat, ctx)
+            elif kind == "latent_self":
+                lat = self._block(i, lat, None)
+            elif kind == "latent_dec":
+                tgt = self._block(i, tgt, lat)
+            else:  # lt2l: latents read their own state and the current targets
+                lat = self._block(i, lat, torch.cat([lat, tgt], dim=1))
+        return self.head(self.ln_f(tgt))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
