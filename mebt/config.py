@@ -17,7 +17,11 @@ from typing import Any, Literal, Union
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user (config, file, checkpoint); the CLI prints the one-line message and exits 2."""
+
+
+class ConfigError(UserError):
     """A bad configuration value; the message is one line naming the key and the fix."""
 
 

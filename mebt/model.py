@@ -143,6 +143,11 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def select_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[b, rows[b]] for x [B, M, d] and rows [B, K]; x itself when rows is None."""
+    return x if rows is None else x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class MeBT(nn.Module):
     def __init__(self, cfg: MeBTConfig):
         super().__init__()
@@ -165,8 +170,8 @@ class MeBT(nn.Module):
             return checkpoint(self.blocks[i], x, kv, use_reentrant=False)
         return self.blocks[i](x, kv)
 
-    def forward(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
-        """Logits [B, N_tgt, vocab] for the target positions.
+    def features(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+        """Final normalized target states [B, N_tgt, n_embd] (the head's input).
 
         codes: [B, N] (or [B, T', H', W']) long; ctx_idx: [B, N_ctx] and tgt_idx: [B, N_tgt] long positions in
         the flattened grid, the same counts for every sample. Codes at target positions are never read, so
@@ -185,7 +190,16 @@ class MeBT(nn.Module):
                 tgt = self._block(i, tgt, lat)
             else:  # lt2l: latents read their own state and the current targets
                 lat = self._block(i, lat, torch.cat([lat, tgt], dim=1))
-        return self.head(self.ln_f(tgt))
+        return self.ln_f(tgt)
+
+    def forward(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, N_tgt, vocab] for the targets, or [B, K, vocab] for target rows ``rows`` [B, K] only.
+
+        Every unmasked position is still a target (the latents read the targets in ``lt2l``), but a sampler
+        that commits a few positions needs only their logits; the head is the largest single matmul.
+        """
+        return self.head(select_rows(self.features(codes, ctx_idx, tgt_idx), rows))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

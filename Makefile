@@ -1,0 +1,25 @@
+# The two newcomer commands: `make demo` (main job on embedded defaults) and `make test` (all tests).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test bench clean
+
+# Installs only what is missing: torch first (CPU build from local disk on CPU machines), then the package.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, pathlib, sys; \
+		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
+		|| $(PIP) install -q -e "$(CURDIR)[test]"
+
+demo: install
+	$(PYTHON) -m mebt.cli train --config configs/tiny.yaml
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m mebt.cli bench train-scaling
+	$(PYTHON) -m mebt.cli bench generation
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,141 @@
+"""The portable model file: one ``torch.save`` payload that rebuilds a ``MeBT`` without DeepSpeed.
+
+Layout: ``{"format": "mebt-model-v1", "model_type": "mebt", "config": <MeBTConfig as a dict>,
+"state_dict": <parameters>, **extra}``. Files are written to a temporary name and renamed, so a crash
+never leaves a half-written model behind, and read with ``weights_only=True``, so loading one cannot
+run code. Every problem is a single ``CheckpointError`` line that names the file and the keys.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from mebt.config import ConfigError, UserError, from_dict, to_dict
+from mebt.model import MeBT, MeBTConfig
+
+FORMAT = "mebt-model-v1"
+_RESERVED = ("format", "model_type", "config", "state_dict")
+
+
+class CheckpointError(UserError):
+    """A model or checkpoint file that cannot be used; the message is one line naming the file and keys."""
+
+
+def _listed(keys: Iterable[str], limit: int = 8) -> str:
+    keys = list(keys)
+    shown = ", ".join(f"'{k}'" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _plural(word: str, n: int) -> str:
+    return word if n == 1 else word + "s"
+
+
+def check_state_dict(found: Mapping, expected: Mapping[str, tuple], what: str, hint: str = "") -> None:
+    """Raise one CheckpointError naming every missing, unexpected and wrongly shaped key of ``found``.
+
+    ``expected`` maps each key to its shape; ``what`` names the source in the message ("model file 'x'").
+    All problems go into the one line, because a renamed key shows up as one missing plus one unexpected.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    not_tensors = [k for k in found if k in expected and not isinstance(found[k], torch.Tensor)]
+    wrong = [f"'{k}' of shape {list(found[k].shape)} where {list(expected[k])} is expected"
+             for k in found if k in expected and k not in not_tensors and tuple(found[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"is missing {_plural('key', len(missing))} {_listed(missing)}")
+    if unexpected:
+        problems.append(f"has unexpected {_plural('key', len(unexpected))} {_listed(unexpected)}")
+    if not_tensors:
+        problems.append(f"holds non-tensor values under {_listed(not_tensors)}")
+    if wrong:
+        problems.append(f"has {_plural('key', len(wrong))} {'; '.join(wrong[:8])}"
+                        + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+    if problems:
+        raise CheckpointError(f"{what} {'; '.join(problems)}{hint}")
+
+
+def expected_shapes(cfg: MeBTConfig) -> dict[str, tuple]:
+    """Parameter names and shapes of ``MeBT(cfg)``, found on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = MeBT(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def model_from_state_dict(cfg: MeBTConfig, state_dict: Mapping, what: str, hint: str = "") -> MeBT:
+    """``MeBT(cfg)`` holding exactly ``state_dict`` (strict: keys and shapes are checked first).
+
+    The model is built on the meta device and the loaded tensors are assigned, not copied: a full-size
+    model would otherwise be randomly initialised and held twice in memory just to be overwritten.
+    """
+    check_state_dict(state_dict, expected_shapes(cfg), what, hint)
+    with torch.device("meta"):
+        model = MeBT(cfg)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def save_model(model: MeBT, path: str | Path, extra: dict | None = None) -> None:
+    """Write ``model`` (config + parameters, on CPU) and the plain values in ``extra`` to ``path``.
+
+    ``extra`` must hold only what ``torch.load(weights_only=True)`` accepts (numbers, strings, lists,
+    dicts, tensors), e.g. ``{"step": 1000, "source": "..."}``.
+    """
+    extra = dict(extra or {})
+    clash = [k for k in _RESERVED if k in extra]
+    if clash:
+        raise CheckpointError(f"save_model extra may not use the reserved {_plural('key', len(clash))} {_listed(clash)}")
+    payload = {
+        "format": FORMAT,
+        "model_type": "mebt",
+        "config": to_dict(model.cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target, so os.replace is an atomic rename on the same file system.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_model_file(path: str | Path, map_location="cpu") -> dict:
+    """The checked payload of a model file (format, config and state dict present)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file '{path}' does not exist (write one with save_model or "
+                              "`mebt convert-official CKPT OUT`)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or corrupt files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"model file '{path}' is not a mebt model file: torch.load failed ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"model file '{path}' is not a mebt model file (format {found!r}, expected "
+                              f"'{FORMAT}'); an official MeBT checkpoint must first be converted with "
+                              "`mebt convert-official CKPT OUT`")
+    for key in ("config", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"model file '{path}' has no '{key}' mapping; it is damaged or was not written by save_model")
+    return payload
+
+
+def load_model(path: str | Path, map_location="cpu") -> MeBT:
+    """Rebuild the ``MeBT`` saved by ``save_model`` (strict: every key and shape must match), in eval mode."""
+    payload = read_model_file(path, map_location)
+    try:
+        cfg = from_dict(MeBTConfig, payload["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"model file '{path}' has an invalid config: {e}") from None
+    model = model_from_state_dict(cfg, payload["state_dict"], f"model file '{path}'",
+                                  " (it does not match its own config; was it edited by hand?)")
+    return model.eval()

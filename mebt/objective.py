@@ -1,0 +1,137 @@
+"""MeBT training objective: which positions are observed, which are predicted, and the loss.
+
+Per batch (official recipe): t ~ U(t_range), mask ratio r = schedule(t), n_masked = ceil(r * N); a random
+permutation per sample makes the first N - n_masked positions contexts and the last min(budget, n_masked)
+targets. For long videos a length curriculum (``t_prior``) first draws a clip of L latent frames at a
+random temporal offset per sample, so early training sees short clips at every position of the grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mebt.config import ConfigError
+
+MASK_SCHEDULES = {
+    "linear": lambda t: 1.0 - t,
+    "cosine": lambda t: math.cos(math.pi * t / 2),
+    "square": lambda t: 1.0 - t ** 2,
+    "cubic": lambda t: 1.0 - t ** 3,
+    "sqrt": lambda t: 1.0 - math.sqrt(t),
+}
+# Gaussian curricula: the preferred clip length grows by one latent frame every `spread` steps.
+GAUSSIAN_PRIORS = {"gaussian2": 30000, "gaussian100000_2": 100000}
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_schedule: Literal["linear", "cosine", "square", "cubic", "sqrt"] = "linear"
+    t_range: tuple[float, float] = (0.0, 1.0)
+    target_budget: Optional[int] = None   # cap on predicted positions per sample; None = all masked
+    t_prior: Literal["longest", "uniform", "gaussian2", "gaussian100000_2"] = "longest"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        lo, hi = self.t_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"config key 't_range' must satisfy 0 <= low <= high <= 1, got {list(self.t_range)}")
+        if self.target_budget is not None and self.target_budget < 1:
+            raise ConfigError(f"config key 'target_budget' must be >= 1 or null, got {self.target_budget}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class MaskedBatch:
+    ctx_idx: torch.Tensor   # [B, N_ctx] positions in the flattened grid
+    tgt_idx: torch.Tensor   # [B, N_tgt]
+    clip_frames: int        # latent frames L of the curriculum window
+    mask_ratio: float
+
+
+def clip_length_probs(prior: str, n_frames: int, step: int) -> torch.Tensor:
+    """Probability of each clip length L = 1..n_frames at training ``step``."""
+    lengths = torch.arange(1, n_frames + 1, dtype=torch.float64)
+    if prior == "longest":
+        return (lengths == n_frames).double()
+    if prior == "uniform":
+        return torch.full_like(lengths, 1.0 / n_frames)
+    spread = GAUSSIAN_PRIORS[prior]
+    # w = exp(-(step - (L-1)*s)^2 / (2*(2s)^2)); normalized in log space so late steps never underflow to 0/0.
+    log_w = -((step - (lengths - 1) * spread) ** 2) / (2 * (2 * spread) ** 2)
+    return torch.softmax(log_w, dim=0)
+
+
+def sample_masks(cfg: ObjectiveConfig, batch_size: int, latent_shape, step: int = 0,
+                 generator: Optional[torch.Generator] = None) -> MaskedBatch:
+    """Context and target positions for one batch (CPU tensors; equal counts for every sample)."""
+    n_frames, h, w = latent_shape
+    frame = h * w
+    probs = clip_length_probs(cfg.t_prior, n_frames, step)
+    clip = int(torch.multinomial(probs, 1, generator=generator)) + 1
+    offset = torch.randint(0, n_frames - clip + 1, (batch_size, 1), generator=generator)
+    n = clip * frame
+    lo, hi = cfg.t_range
+    t = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+    ratio = MASK_SCHEDULES[cfg.mask_schedule](t)
+    n_masked = min(max(math.ceil(ratio * n), 1), n)   # at least one target so the loss is defined
+    n_tgt = n_masked if cfg.target_budget is None else min(cfg.target_budget, n_masked)
+    perm = torch.rand(batch_size, n, generator=generator).argsort(dim=1) + offset * frame
+    return MaskedBatch(ctx_idx=perm[:, : n - n_masked], tgt_idx=perm[:, n - n_tgt:], clip_frames=clip,
+                       mask_ratio=ratio)
+
+
+def _loss_terms(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float):
+    """Summed cross-entropy and top-1/top-5 hit counts for logits [M, V] (float32 for bf16 safety)."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
+    with torch.no_grad():
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels.unsqueeze(-1)
+        return ce, hits[:, 0].sum(), hits.any(-1).sum()
+
+
+def _chunk_terms(features, weight, labels, label_smoothing):
+    return _loss_terms(F.linear(features, weight), labels, label_smoothing)
+
+
+def masked_loss(logits: torch.Tensor, codes: torch.Tensor, tgt_idx: torch.Tensor,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over targets plus top-1/top-5 accuracy, from logits [B, N_tgt, V]."""
+    labels = codes.flatten(1).gather(1, tgt_idx).flatten()
+    ce, hit1, hit5 = _loss_terms(logits.flatten(0, 1), labels, label_smoothing)
+    n = labels.numel()
+    return ce / n, {"acc1": hit1.item() / n, "acc5": hit5.item() / n}
+
+
+def chunked_masked_loss(features: torch.Tensor, head: nn.Linear, codes: torch.Tensor, tgt_idx: torch.Tensor,
+                        label_smoothing: float = 0.0, chunk_rows: int = 4096) -> tuple[torch.Tensor, dict]:
+    """``masked_loss(head(features), ...)`` without ever holding more than ``chunk_rows`` rows of logits.
+
+    At 16384 codes the fp32 logits of 8192 targets are 512 MiB per sample, more than all of MeBT's other
+    activations; each chunk's logits are recomputed in backward instead of being kept.
+    """
+    labels = codes.flatten(1).gather(1, tgt_idx).flatten()
+    rows = features.flatten(0, 1)
+    ce = hit1 = hit5 = 0
+    for start in range(0, rows.shape[0], chunk_rows):
+        part = slice(start, start + chunk_rows)
+        terms = checkpoint(_chunk_terms, rows[part], head.weight, labels[part], label_smoothing, use_reentrant=False)
+        ce, hit1, hit5 = ce + terms[0], hit1 + terms[1], hit5 + terms[2]
+    n = labels.numel()
+    return ce / n, {"acc1": int(hit1) / n, "acc5": int(hit5) / n}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in the paper: decay only on Linear weights; biases, norms and embeddings are free."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]

@@ -1,0 +1,74 @@
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from mebt.config import ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
+from mebt.model import MeBTConfig
+
+
+@dataclass
+class Inner:
+    width: int = 8
+    mode: Literal["a", "b"] = "a"
+    scale: float = 1.0
+    shape: tuple[int, int] = (1, 2)
+    cap: Optional[int] = None
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    model: MeBTConfig = field(default_factory=MeBTConfig)
+    name: str = "x"
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  width: 16\n  shape: [3, 4]\nname: run\n")
+    cfg = load_config(Outer, path, ["inner.mode=b", "inner.scale=2", "model.n_layer=4", "inner.cap=7"])
+    assert cfg.inner == Inner(width=16, mode="b", scale=2.0, shape=(3, 4), cap=7)
+    assert cfg.model.n_layer == 4 and cfg.name == "run"
+    assert isinstance(cfg.inner.scale, float)
+    # the resolved dict round-trips to the same config
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert flatten(to_dict(cfg))["inner.width"] == 16
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["inner.widht=3"], "unknown config key 'inner.widht' (did you mean 'inner.width'?)"),
+    (["nope.x=1"], "unknown config key 'nope'"),
+    (["inner.width=abc"], "config key 'inner.width' must be int"),
+    (["inner.width=true"], "config key 'inner.width' must be int"),
+    (["inner.mode=c"], "config key 'inner.mode' must be one of 'a', 'b'"),
+    (["inner.shape=[1,2,3]"], "config key 'inner.shape' must have 2 items"),
+    (["model.n_head=5"], "config key 'model.n_head' (5) must divide n_embd (1024)"),
+    (["model.block_size=100"], "config key 'model.block_size' (100) does not match latent_shape"),
+    (["model.layer_plan=[latent_enc, latent_dec]"], "config key 'model.n_layer' (24) does not match layer_plan's 2 blocks: set n_layer=2"),
+    (["model.layer_plan=[latent_enc, wrong]", "model.n_layer=2"], "unknown block kind 'wrong'"),
+    (["model.layer_plan=[latent_dec, latent_enc]", "model.n_layer=2"], "must end with latent_dec"),
+    (["model.n_layer=3"], "config key 'model.n_layer' must be an even number"),
+    (["inner"], "is not of the form key=value"),
+])
+def test_bad_values_give_one_clear_line(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, None, override)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inner: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(Outer, bad)
+
+
+def test_override_parsing_keeps_strings_and_nested_creation():
+    data = apply_overrides({"a": {"b": 1}}, ["a.c=hello", "d.e.f=[1, 2]"])
+    assert data == {"a": {"b": 1, "c": "hello"}, "d": {"e": {"f": [1, 2]}}}
