@@ -61,6 +61,13 @@ def make_code_grids(cfg: SyntheticCodesConfig, latent_shape, vocab_size: int) ->
     return torch.where(inside, obj.view(b, 1, 1, 1), background.view(b, 1, 1, 1))
 
 
+def uses_data_palette(grid: torch.Tensor, vocab_size: int) -> bool:
+    """True when a grid uses exactly one background code (< vocab/2) and one object code (>= vocab/2)
+    throughout the video: the weaker, graded half of ``is_plausible`` (random or collapsed grids fail it)."""
+    values = grid.unique()
+    return len(values) == 2 and bool(values[0] < vocab_size // 2 <= values[1])
+
+
 def is_plausible(grid: torch.Tensor) -> bool:
     """True when a [T, H, W] grid follows the data's rules: two codes, one same-size square per frame."""
     values = grid.unique()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mebt.model import Block, MeBTConfig, init_weights, select_rows
+from mebt.sampling import sample_logits  # the same token sampler as MeBT's, for a like-for-like comparison
 
 
 class _Backbone(nn.Module):
@@ -98,16 +99,6 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One code per row of ``logits`` [B, V]: softmax(logits / temperature), restricted to the top k."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-
-
 class AutoregressiveTransformer(_Backbone):
     """Causal GPT over the flattened grid; input i is a start token (i = 0) or code i-1, logit i predicts code i."""
 
@@ -161,7 +152,7 @@ class AutoregressiveTransformer(_Backbone):
         step_logits = self.head(self.ln_f(x))
         all_logits = [step_logits] if return_logits else []
         for i in range(p, n):
-            codes[:, i] = sample_logits(step_logits[:, -1], temperature, top_k, generator)
+            codes[:, i] = sample_logits(step_logits[:, -1:], temperature, top_k, generator=generator)[0][:, 0]
             if i + 1 == n:
                 break
             # One new query attends to every cached position, so no causal mask is needed.

@@ -16,7 +16,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from data_pipeline.synthetic_codes import SyntheticCodesConfig, is_plausible, make_code_grids
+from data_pipeline.synthetic_codes import SyntheticCodesConfig, is_plausible, make_code_grids, uses_data_palette
 from mebt.config import ConfigError, to_dict
 from mebt.model import MeBT, MeBTConfig
 from mebt.objective import ObjectiveConfig, chunked_masked_loss, masked_loss, param_groups, sample_masks
@@ -87,7 +87,9 @@ def save_checkpoint(path: Path, model, optimizer, state: TrainState, cfg: RunCon
 
 
 def evaluate(model, cfg: RunConfig, held_out: torch.Tensor, device) -> dict:
-    """Accuracy at a 50% mask on held-out grids, and how many sampled grids follow the data's rules.
+    """Accuracy at a 50% mask on held-out grids, and how many sampled grids follow the data's rules
+    (``sample_palette``: one background and one object code throughout; ``sample_plausible``: also one
+    same-size square per frame).
 
     ``majority_acc1`` predicts each grid's most frequent observed code everywhere: a model that has learned
     only the background scores about that, one that tracks the moving object scores clearly above it.
@@ -107,6 +109,7 @@ def evaluate(model, cfg: RunConfig, held_out: torch.Tensor, device) -> dict:
     grids = grids.view(-1, *cfg.model.latent_shape)
     model.train()
     return {"heldout_loss": loss.item(), "heldout_acc1": metrics["acc1"], "majority_acc1": majority_acc.item(),
+            "sample_palette": sum(uses_data_palette(x, cfg.model.vocab_size) for x in grids) / len(grids),
             "sample_plausible": sum(is_plausible(x) for x in grids) / len(grids)}
 
 
