@@ -19,7 +19,8 @@ from mebt.config import ConfigError
 from mebt.convert import convert_official_file, convert_official_state_dict
 from mebt.model import MeBT
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/mebt_official_16f_state_dict.tsv"
+# The official layout (copied from shared/reference/ so the suite runs from any clone).
+REFERENCE = Path(__file__).resolve().parent / "data" / "mebt_official_16f_state_dict.tsv"
 
 N_HEAD = 4
 LATENT_SHAPE = (2, 4, 4)
