@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from mebt.config import UserError
 
 BENCHMARKS = {
     "train-scaling": ("benchmarks.train_scaling", "training step time and activation memory vs tokens, MeBT vs full attention"),
     "generation": ("benchmarks.generation", "generation time, MeBT sampling vs autoregressive with KV cache"),
+    "preprocess": ("benchmarks.preprocess_throughput", "preprocessing clips/s: decode, tokenize, write shards"),
+    "loader": ("benchmarks.loader_throughput", "streaming loader clips/s vs an in-memory bound"),
 }
 
 
@@ -27,6 +31,63 @@ def cmd_convert_official(args) -> None:
                                 latent_shape=tuple(args.latent_shape) if args.latent_shape else None)
     print(f"wrote {args.out}: MeBT {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_latent} latents, "
           f"grid {list(cfg.latent_shape)}, vocab {cfg.vocab_size}, numerics {cfg.numerics}")
+
+
+def cmd_data_synth(args) -> None:
+    from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
+
+    cfg = SynthConfig(num_videos=args.num_videos, frames=args.frames, resolution=args.resolution, fps=args.fps,
+                      max_shapes=args.max_shapes, test_fraction=args.test_fraction, seed=args.seed)
+    result = write_synthetic_dataset(args.out, cfg)
+    print(f"{result['out_dir']}: {result['written']} videos written, {result['skipped']} already there; "
+          f"train {result['train']}, test {result['test']}")
+
+
+def cmd_preprocess(args) -> None:
+    import os
+
+    from data_pipeline.manifest import merge_manifest
+    from data_pipeline.preprocess import PreprocessConfig, preprocess
+    from mebt.config import load_config
+
+    if args.merge:
+        counts = merge_manifest(args.out)
+        print(f"merged manifest in {args.out}: {counts}")
+        return
+    if not args.input_dir or not args.tokenizer:
+        raise UserError("mebt preprocess needs INPUT_DIR and --tokenizer (or --merge to only merge the manifest)")
+    # A SLURM array task finds its slice in the environment unless told otherwise.
+    task = args.task_index if args.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    tasks = args.num_tasks if args.num_tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    overrides = [f"input_dir={args.input_dir}", f"out_dir={args.out}", f"tokenizer={args.tokenizer}",
+                 f"split={args.split}", f"videos_per_shard={args.videos_per_shard}", f"workers={args.workers}",
+                 f"batch_size={args.batch_size}", f"task_index={task}", f"num_tasks={tasks}",
+                 f"clip.sequence_length={args.sequence_length}", f"clip.resolution={args.resolution}",
+                 f"clip.frame_stride={args.frame_stride}",
+                 f"clip.all_stride={args.clip_stride or args.sequence_length * args.frame_stride}",
+                 f"progress={not args.no_progress}"]
+    overrides += [f"prefix={args.prefix}"] * bool(args.prefix) + [f"device={args.device}"] * bool(args.device)
+    result = preprocess(load_config(PreprocessConfig, None, overrides))
+    print(json.dumps(result, indent=2))
+
+
+def cmd_data_verify(args) -> int:
+    from data_pipeline.verify import verify_dataset
+
+    report = verify_dataset(args.dir)
+    for line in report.lines():
+        print(line)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_data_stats(args) -> None:
+    from data_pipeline.verify import dataset_stats, format_stats
+
+    stats = dataset_stats(args.dir)
+    print(format_stats(stats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2))
 
 
 def cmd_bench(args) -> None:
@@ -58,6 +119,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="code grid (default: block_size/256 x 16 x 16)")
     p.set_defaults(func=cmd_convert_official)
 
+    p = sub.add_parser("preprocess", help="tokenize videos into WebDataset shards + Parquet manifest",
+                       description="Videos -> clips -> tokenizer codes -> tar shards PREFIX-000000.tar (codes.npy "
+                                   "int16 + json per clip), manifest.parquet, shards.parquet and dataset.json. "
+                                   "Resumable: finished shards are kept. A SLURM array splits the shards with "
+                                   "--task-index/--num-tasks (default: SLURM_ARRAY_TASK_ID/COUNT); the manifest is "
+                                   "merged by the task that finishes last, or with --merge.")
+    p.add_argument("input_dir", nargs="?", help="folder of videos (with train.txt/test.txt) or frame folders")
+    p.add_argument("--out", required=True, help="dataset output folder")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (TATS VQGAN .ckpt or `mebt tokenizer train` output)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--prefix", help="shard name prefix (default: the split)")
+    p.add_argument("--sequence-length", type=int, default=16, help="frames per clip")
+    p.add_argument("--resolution", type=int, default=128, help="square frame size after crop + resize")
+    p.add_argument("--frame-stride", type=int, default=1, help="take every k-th frame")
+    p.add_argument("--clip-stride", type=int, help="frames between clip starts (default: one clip length)")
+    p.add_argument("--videos-per-shard", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="encoding processes on this machine")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer forward pass")
+    p.add_argument("--task-index", type=int, help="this task's index (default: $SLURM_ARRAY_TASK_ID or 0)")
+    p.add_argument("--num-tasks", type=int, help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--merge", action="store_true", help="only merge the manifest of finished tasks in --out")
+    p.set_defaults(func=cmd_preprocess)
+
+    data = sub.add_parser("data", help="datasets: synthesize videos, verify and describe shards",
+                          description="Dataset utilities.").add_subparsers(dest="data_command", required=True,
+                                                                         metavar="DATA_COMMAND")
+    p = data.add_parser("synth", help="write a procedural synthetic video dataset (mp4 + splits)",
+                        description="Write seeded, deterministic videos of moving, bouncing coloured shapes as H.264 "
+                                    "mp4 files with train.txt/test.txt splits. Rerunning resumes (finished files are "
+                                    "kept); a different config in the same folder is refused.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--num-videos", type=int, default=64)
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--max-shapes", type=int, default=3)
+    p.add_argument("--test-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("verify", help="check every shard against the manifest; non-zero exit names bad shards",
+                        description="Read every shard of a preprocessed dataset and check it against the manifest "
+                                    "(presence, sha256, sample counts and order, dtype, shapes, code range, json). "
+                                    "Prints one line per bad shard and exits 1 if any.")
+    p.add_argument("dir", help="dataset folder written by `mebt preprocess`")
+    p.set_defaults(func=cmd_data_verify)
+    p = data.add_parser("stats", help="counts, grid, bytes and code usage of a dataset")
+    p.add_argument("dir", help="dataset folder written by `mebt preprocess`")
+    p.add_argument("--json", help="also write the statistics as JSON")
+    p.set_defaults(func=cmd_data_stats)
+
     p = sub.add_parser("bench", help="run a benchmark and print its table",
                        description="Benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
                                    + ". Arguments after the name go to the benchmark (try `mebt bench NAME --help`).")
@@ -70,11 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as e:
         print(f"mebt: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 def console_main() -> None:

@@ -1,0 +1,179 @@
+"""Check a preprocessed dataset against its manifest (``mebt data verify``) and summarize it (``mebt data stats``).
+
+Verification reads every shard: it must exist, have the size and sha256 the manifest recorded, parse as
+a tar of complete samples whose keys and order match the manifest, and hold int16 code grids of the
+dataset's shape with every code inside the codebook, next to JSON metadata that matches the manifest
+row. Shards that look like this dataset's but are not in the manifest are reported too. Every bad shard
+gets one line naming it and its problems.
+"""
+from __future__ import annotations
+
+import math
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.manifest import META_FIELDS, DatasetError, expected_shards, file_sha256, load_tables
+from data_pipeline.shard_format import CODES_DTYPE, read_shard
+
+# Problems listed per shard before the rest are only counted: one line per shard stays readable.
+MAX_PROBLEMS_PER_SHARD = 3
+TOP_CODES = 10
+
+
+@dataclass
+class VerifyReport:
+    dataset: str
+    shards_checked: int = 0
+    samples_checked: int = 0
+    problems: dict[str, list[str]] = field(default_factory=dict)   # shard name -> its problems
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """One line per bad shard: its name and problems."""
+        out = []
+        for shard, problems in sorted(self.problems.items()):
+            shown = "; ".join(problems[:MAX_PROBLEMS_PER_SHARD])
+            more = len(problems) - MAX_PROBLEMS_PER_SHARD
+            out.append(f"{shard}: {shown}" + (f" (and {more} more problems)" if more > 0 else ""))
+        return out
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else f"{len(self.problems)} bad shards"
+        return f"{self.dataset}: {self.shards_checked} shards, {self.samples_checked} samples checked: {verdict}"
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split()) or "no details"
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def _check_sample(codes: np.ndarray, meta: dict, row: dict, info: dict) -> list[str]:
+    problems = []
+    if codes.dtype != CODES_DTYPE:
+        problems.append(f"dtype {codes.dtype}, expected {np.dtype(CODES_DTYPE)}")
+    if list(codes.shape) != info["grid"]:
+        problems.append(f"shape {list(codes.shape)}, expected {info['grid']}")
+    elif codes.size and (codes.min() < 0 or codes.max() >= info["codebook_size"]):
+        problems.append(f"codes in [{codes.min()}, {codes.max()}], outside the codebook [0, {info['codebook_size']})")
+    wrong = [name for name in META_FIELDS if meta.get(name) != row[name]]
+    if wrong:
+        problems.append(f"json fields {', '.join(wrong)} differ from the manifest")
+    return [f"sample '{row['key']}': {p}" for p in problems]
+
+
+def _check_contents(path: Path, rows: list[dict], info: dict) -> tuple[list[str], int]:
+    """Problems with the samples of one shard, and how many samples were read."""
+    problems, count = [], 0
+    try:
+        for count, (key, codes, meta) in enumerate(read_shard(path), start=1):
+            if count > len(rows):
+                continue   # counted below; the manifest has no row to compare against
+            row = rows[count - 1]
+            if key != row["key"]:
+                problems.append(f"sample {count - 1} has key '{key}', the manifest lists '{row['key']}' there")
+            else:
+                problems += _check_sample(codes, meta, row, info)
+    except (tarfile.TarError, ValueError, EOFError, OSError) as e:
+        problems.append(f"unreadable after {count} samples ({_one_line(e)})")
+    if count != len(rows):
+        problems.append(f"holds {count} samples, the manifest lists {len(rows)}")
+    return problems, count
+
+
+def verify_dataset(out_dir: str | Path) -> VerifyReport:
+    """Check every shard of a merged dataset; the report names each bad shard and its problems."""
+    out_dir = Path(out_dir)
+    info, manifest, shards = load_tables(out_dir)
+    report = VerifyReport(str(out_dir))
+    rows_by_shard = defaultdict(list)
+    for row in manifest.to_pylist():
+        rows_by_shard[row["shard"]].append(row)
+    recorded = {row["shard"]: row for row in shards.to_pylist()}
+    on_disk = {p.name for p in out_dir.glob(f"{info['prefix']}-*.tar")}
+    names = set(recorded) | set(rows_by_shard) | set(expected_shards(info)) | on_disk
+    for name in sorted(names):
+        problems = []
+        if name not in recorded:
+            problems.append("not in the manifest" if name in on_disk else "not in shards.parquet")
+        elif name not in on_disk:
+            problems.append("missing")
+        else:
+            summary, rows = recorded[name], sorted(rows_by_shard[name], key=lambda r: r["index"])
+            if summary["num_samples"] != len(rows):
+                problems.append(f"shards.parquet says {summary['num_samples']} samples, "
+                                f"manifest.parquet lists {len(rows)}")
+            contents, count = _check_contents(out_dir / name, rows, info)
+            problems += contents
+            size = (out_dir / name).stat().st_size
+            if size != summary["bytes"]:
+                problems.append(f"{size} bytes, the manifest recorded {summary['bytes']}")
+            elif file_sha256(out_dir / name) != summary["sha256"]:
+                problems.append("sha256 differs from the manifest")
+            report.shards_checked += 1
+            report.samples_checked += count
+        if problems:
+            report.problems[name] = problems
+    return report
+
+
+def _code_usage(counts: np.ndarray) -> dict:
+    total = int(counts.sum())
+    probs = counts[counts > 0] / max(total, 1)
+    top = np.argsort(-counts, kind="stable")[:TOP_CODES]
+    return {
+        "used_codes": int((counts > 0).sum()),
+        "codebook_size": len(counts),
+        "perplexity": float(math.exp(-(probs * np.log(probs)).sum())) if total else 0.0,
+        "top_codes": [[int(c), float(counts[c] / total)] for c in top if counts[c] > 0],
+    }
+
+
+def dataset_stats(out_dir: str | Path) -> dict:
+    """Counts, sizes and codebook usage of a merged dataset (reads every shard for the code histogram)."""
+    out_dir = Path(out_dir)
+    info, manifest, shards = load_tables(out_dir)
+    counts = np.zeros(info["codebook_size"], dtype=np.int64)
+    for name in shards.column("shard").to_pylist():
+        try:
+            for _, codes, _ in read_shard(out_dir / name):
+                counts += np.bincount(codes.ravel().astype(np.int64), minlength=len(counts))[:len(counts)]
+        except (tarfile.TarError, ValueError, EOFError, OSError) as e:
+            raise DatasetError(f"shard '{out_dir / name}' is unreadable ({_one_line(e)}); "
+                               "run mebt data verify") from None
+    per_split = defaultdict(lambda: {"videos": set(), "clips": 0})
+    for split, video_id in zip(manifest.column("split").to_pylist(), manifest.column("video_id").to_pylist()):
+        per_split[split]["videos"].add(video_id)
+        per_split[split]["clips"] += 1
+    return {
+        "dataset": str(out_dir),
+        "videos": len(set(manifest.column("video_id").to_pylist())),
+        "clips": manifest.num_rows,
+        "shards": shards.num_rows,
+        "per_split": {s: {"videos": len(v["videos"]), "clips": v["clips"]} for s, v in sorted(per_split.items())},
+        "skipped_videos": len(info.get("skipped_videos", [])),
+        "grid": info["grid"],
+        "bytes": int(sum(shards.column("bytes").to_pylist())),
+        "code_usage": _code_usage(counts),
+    }
+
+
+def format_stats(stats: dict) -> str:
+    usage = stats["code_usage"]
+    splits = ", ".join(f"{s}: {v['videos']} videos / {v['clips']} clips" for s, v in stats["per_split"].items())
+    top = ", ".join(f"{code} ({frac:.1%})" for code, frac in usage["top_codes"])
+    return "\n".join([
+        f"dataset:  {stats['dataset']}",
+        f"videos:   {stats['videos']} ({stats['skipped_videos']} skipped as unreadable or too short)",
+        f"clips:    {stats['clips']} in {stats['shards']} shards, {stats['bytes'] / 2**20:.2f} MiB",
+        f"splits:   {splits or 'none'}",
+        f"grid:     {' x '.join(map(str, stats['grid']))} codes per clip",
+        f"codebook: {usage['used_codes']} / {usage['codebook_size']} codes used, perplexity {usage['perplexity']:.1f}",
+        f"top codes: {top or 'none'}",
+    ])

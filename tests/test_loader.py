@@ -1,0 +1,365 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from benchmarks import loader_throughput
+from data_pipeline import loader as loader_module
+from data_pipeline.loader import (CorruptShardError, CorruptShardWarning, LoaderConfig, _tarfile_members,
+                                  make_loader, read_clips, tar_members)
+from data_pipeline.loader_state import shuffle_buffer_order
+from data_pipeline.manifest import (DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS, DatasetError,
+                                    file_sha256)
+from data_pipeline.shard_format import ShardWriter, read_shard, shard_name
+from mebt.config import ConfigError, UserError, from_dict
+
+GRID = (2, 4, 4)
+VOCAB = 1000
+
+
+def clip_codes(n: int, frames: int = GRID[0]) -> np.ndarray:
+    """Sample n's grid: every code encodes (n, position), so a batch row names the sample it came from."""
+    size = frames * GRID[1] * GRID[2]
+    return ((n * 7 + np.arange(size)) % VOCAB).reshape(frames, *GRID[1:])
+
+
+def build_dataset(root, shard_sizes, frames=None, splits=None, prefix="train"):
+    """A dataset directory as mebt preprocess leaves it: shards, manifest.parquet, shards.parquet, dataset.json.
+
+    Sample n (numbered across shards) has key ``clipN``, video ``vidN//3``, ``start`` n and T' ``frames[n]``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    rows, shard_rows, n = [], [], 0
+    for s, size in enumerate(shard_sizes):
+        name = shard_name(prefix, s)
+        with ShardWriter(root / name) as writer:
+            for i in range(size):
+                t = frames[n] if frames else GRID[0]
+                meta = {"video_id": f"vid{n // 3}", "split": splits[n] if splits else "train", "start": n,
+                        "stride": 2, "fps": 8.0, "source": f"/videos/vid{n // 3}.mp4"}
+                writer.write(f"clip{n}", clip_codes(n, t), meta)
+                rows.append({"shard": name, "key": f"clip{n}", "index": i, "grid_t": t, "grid_h": GRID[1],
+                             "grid_w": GRID[2], **meta})
+                n += 1
+        shard_rows.append({"shard": name, "num_samples": size, "bytes": (root / name).stat().st_size,
+                           "sha256": file_sha256(root / name)})
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / MANIFEST)
+    pq.write_table(pa.Table.from_pylist(shard_rows, schema=SHARD_SCHEMA), root / SHARDS)
+    info = {"complete": True, "codebook_size": VOCAB, "grid": list(GRID), "counts": {"clips": n}}
+    (root / DATASET_JSON).write_text(json.dumps(info))
+    return root
+
+
+def sample_ids(batch) -> list[int]:
+    """The sample number behind every row of a batch, from its key (``check_codes`` checks the codes match)."""
+    return [int(k[len("clip"):]) for k in batch["key"]]
+
+
+def config(root, **kw) -> LoaderConfig:
+    return LoaderConfig(data_dir=str(root), **{"batch_size": 4, "shuffle_buffer": 8, **kw})
+
+
+def take(loader, n: int) -> list[dict]:
+    """The next n batches across epochs, leaving the loop early like a trainer that stops at a step count."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def check_codes(batch, frames=None) -> None:
+    """Every row holds the codes of the sample its key names, cropped at its frame offset."""
+    length = batch["codes"].shape[1]
+    for row, n, offset in zip(batch["codes"], sample_ids(batch), batch["frame_offset"].tolist()):
+        full = clip_codes(n, frames[n] if frames else GRID[0])
+        assert torch.equal(row, torch.from_numpy(full[offset:offset + length]))
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a["epoch"], a["batch_index"], a["key"]) == (b["epoch"], b["batch_index"], b["key"])
+        for name in ("codes", "frame_offset", "pad", "start"):
+            assert torch.equal(a[name], b[name])
+
+
+def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
+    # 40 samples in uneven shards; 2 ranks x 2 workers x batch 4: 5 batches per rank, nothing left over.
+    root = build_dataset(tmp_path / "ds", [7, 13, 4, 16])
+    seen = Counter()
+    for rank in range(2):
+        loader = make_loader(config(root, num_workers=2), rank, 2, expect_grid=GRID, expect_vocab=VOCAB)
+        assert loader.batches_per_epoch == len(loader) == 5
+        batches = list(loader)
+        assert [b["batch_index"] for b in batches] == list(range(5)) and {b["epoch"] for b in batches} == {0}
+        for b in batches:
+            assert b["codes"].dtype == torch.int64 and b["codes"].shape == (4, *GRID)
+            check_codes(b)
+            assert b["video_id"] == [f"vid{n // 3}" for n in sample_ids(b)]
+            assert b["start"].tolist() == sample_ids(b) and b["fps"].tolist() == [8.0] * 4
+            assert not b["pad"].any()
+            seen.update(sample_ids(b))
+        assert (loader.epoch, loader.position) == (1, 0)
+    assert seen == Counter(range(40))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 5 worker processes")
+@pytest.mark.parametrize("num_workers", [0, 5])
+def test_uneven_counts_drop_or_pad_with_equal_batches_per_rank(tmp_path, num_workers):
+    # 37 samples, 3 ranks x batch 4 = 12 per round: drop_last keeps 3 rounds (36), padding makes 4 (48).
+    # With 5 workers and 3-4 batches per rank some workers have nothing to do.
+    root = build_dataset(tmp_path / "ds", [5, 20, 12])
+    for drop_last, per_rank in ((True, 3), (False, 4)):
+        ids, pads = [], []
+        for rank in range(3):
+            loader = make_loader(config(root, num_workers=num_workers, drop_last=drop_last), rank, 3)
+            batches = list(loader)
+            assert loader.batches_per_epoch == len(batches) == per_rank
+            for b in batches:
+                check_codes(b)
+                ids += sample_ids(b)
+                pads += b["pad"].tolist()
+        counts = Counter(ids)
+        if drop_last:
+            assert len(ids) == 36 and max(counts.values()) == 1 and not any(pads)
+        else:
+            assert len(ids) == 48 and set(counts) == set(range(37)) and sum(pads) == 11
+            assert sum(c - 1 for c in counts.values()) == 11
+
+
+def test_shuffle_changes_with_epoch_and_seed_and_is_reproducible(tmp_path):
+    root = build_dataset(tmp_path / "ds", [16, 16, 16, 16])
+
+    def orders(seed=0, epochs=2, **kw):
+        loader = make_loader(config(root, seed=seed, **kw), 0, 1)
+        return [[n for b in loader for n in sample_ids(b)] for _ in range(epochs)]
+
+    first, second = orders()
+    assert sorted(first) == sorted(second) == list(range(64))
+    assert first != second and orders() == [first, second]
+    assert orders(seed=1)[0] != first
+    assert orders(shuffle=False) == [list(range(64))] * 2
+    # The buffer mixes shards (the 16 samples of a shard are spread out) yet stays local.
+    assert len({n // 16 for n in first[:16]}) > 1
+    loader = make_loader(config(root), 0, 1)
+    loader.set_epoch(1)
+    assert [n for b in loader for n in sample_ids(b)] == second
+
+
+def test_shuffle_buffer_order_is_a_local_permutation():
+    order = shuffle_buffer_order(1000, 50, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(1000))
+    assert (order < np.arange(1000) + 50).all()   # an item leaves at most a buffer's length early
+    assert (order[:-50] != np.arange(950)).mean() > 0.9
+    assert np.array_equal(order, shuffle_buffer_order(1000, 50, np.random.default_rng(0)))
+
+
+@pytest.mark.filterwarnings("ignore::data_pipeline.loader.CorruptShardWarning")
+@pytest.mark.parametrize("damaged", [False, True])
+def test_exact_resume_two_ranks_two_workers(tmp_path, damaged):
+    # 44 clips of 4 frames cropped to 2 (seeded offsets are part of what must resume); padding on:
+    # 6 batches per rank, 3 from each worker. Damaged: the stand-ins for a corrupt shard resume too.
+    root = build_dataset(tmp_path / "ds", [9, 14, 6, 15], frames=[4] * 44)
+    if damaged:
+        damage(root / "train-000001.tar", "truncate")
+    cfg = config(root, num_workers=2, crop_frames=2, drop_last=False)
+    for rank in range(2):
+        reference = take(make_loader(cfg, rank, 2), 15)
+        assert [b["epoch"] for b in reference] == [0] * 6 + [1] * 6 + [2] * 3
+        if damaged:
+            assert not {n for b in reference for n in sample_ids(b)} & set(range(9, 23))
+        # Stops: mid-epoch before a batch of worker 1, at the epoch boundary, and inside epoch 1.
+        for stop in (3, 6, 10):
+            loader = make_loader(cfg, rank, 2)
+            before = take(loader, stop)
+            state = json.loads(json.dumps(loader.state_dict()))
+            assert (state["epoch"], state["position"]) == divmod(stop, 6)
+            resumed = make_loader(cfg, rank, 2)
+            resumed.load_state_dict(state)
+            assert_same_batches(before + take(resumed, 15 - stop), reference)
+
+
+def test_resume_rejects_other_settings(tmp_path):
+    root = build_dataset(tmp_path / "ds", [8, 8])
+    other = build_dataset(tmp_path / "other", [8, 8], prefix="more")   # the same counts in other shards
+    state = make_loader(config(root), 0, 2).state_dict()
+    for cfg, rank, world, text in ((config(root), 0, 1, "world_size: saved 2, now 1"),
+                                   (config(other), 0, 2, r"settings changed \(dataset: saved"),
+                                   (config(root, num_workers=2), 0, 2, "num_streams"),
+                                   (config(root), 1, 2, "rank: saved 0, now 1")):
+        with pytest.raises(ConfigError, match=text):
+            make_loader(cfg, rank, world).load_state_dict(state)
+    with pytest.raises(ConfigError, match="stream seeds"):
+        make_loader(config(root), 0, 2).load_state_dict({**state, "stream_seeds": [1]})
+
+
+def damage(path, how: str) -> None:
+    if how == "swap":
+        # Same bytes count, the first two samples in the other order: only the key check can tell.
+        samples = list(read_shard(path))
+        samples[:2] = samples[1::-1]
+        with ShardWriter(path) as writer:
+            for key, codes, meta in samples:
+                writer.write(key, codes, meta)
+        return
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        # The high byte of the first code of the first clip: 512-byte tar header, 128-byte .npy header.
+        data[512 + 128 + 1] ^= 0x7F if how == "out_of_range" else 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, verify", [("truncate", "size"), ("out_of_range", "size"), ("swap", "size"),
+                                         ("flip", "sha256")])
+def test_corrupt_shard_is_skipped_with_a_counted_warning(tmp_path, how, verify):
+    root = build_dataset(tmp_path / "ds", [8, 8, 8, 8])
+    damage(root / "train-000001.tar", how)
+    ids, pads, corrupt = [], 0, set()
+    with pytest.warns(CorruptShardWarning) as record:
+        for rank in range(2):
+            loader = make_loader(config(root, num_workers=2, verify=verify), rank, 2)
+            batches = list(loader)
+            assert len(batches) == loader.batches_per_epoch == 4
+            for b in batches:
+                assert b["codes"].shape == (4, *GRID)
+                check_codes(b)
+                ids += sample_ids(b)
+                pads += int(b["pad"].sum())
+            corrupt |= set(loader.state_dict()["corrupt_shards"])
+    assert corrupt == {"train-000001.tar"}
+    assert not set(ids) & set(range(8, 16)) and len(ids) == 32
+    assert pads == 8   # each of the shard's 8 slots got a stand-in
+    messages = [str(w.message) for w in record]
+    assert all("train-000001.tar" in m for m in messages) and "1 corrupt shard(s) skipped so far" in messages[0]
+
+
+def test_corrupt_shard_samples_are_replaced_from_the_next_readable_shard(tmp_path):
+    root = build_dataset(tmp_path / "ds", [8, 8, 8])
+    damage(root / "train-000000.tar", "truncate")
+    damage(root / "train-000002.tar", "truncate")
+    with pytest.warns(CorruptShardWarning):
+        batches = list(make_loader(config(root, shuffle=False), 0, 1))
+    # In shard order 0, 1, 2 (no shuffling) both corrupt shards take the next readable one, shard 1,
+    # sample by sample; it wraps around from shard 2.
+    assert [sample_ids(b) for b in batches] == [[8, 9, 10, 11], [12, 13, 14, 15]] * 3
+    assert [b["pad"].all().item() for b in batches] == [True, True, False, False, True, True]
+    assert not any(b["pad"].any() for b in batches[2:4])
+
+
+def test_corrupt_shard_fails_with_workers_when_asked(tmp_path):
+    root = build_dataset(tmp_path / "ds", [8, 8, 8, 8])
+    damage(root / "train-000002.tar", "truncate")
+    loader = make_loader(config(root, num_workers=2, on_corrupt="fail"), 0, 1)
+    with pytest.raises(CorruptShardError) as info:
+        list(loader)
+    assert "train-000002.tar' is corrupt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_errors_are_one_line_user_errors(tmp_path):
+    root = build_dataset(tmp_path / "ds", [6, 6])
+    no_manifest = build_dataset(tmp_path / "no_manifest", [6])
+    (no_manifest / MANIFEST).unlink()
+    no_shard = build_dataset(tmp_path / "no_shard", [6, 6])
+    (no_shard / "train-000001.tar").unlink()
+    miscounted = build_dataset(tmp_path / "miscounted", [6, 6])
+    shards = pq.read_table(miscounted / SHARDS).to_pylist()
+    shards[1]["num_samples"] = 7
+    pq.write_table(pa.Table.from_pylist(shards, schema=SHARD_SCHEMA), miscounted / SHARDS)
+    state = make_loader(config(root), 0, 2).state_dict()
+    cases = [
+        (lambda: make_loader(config(miscounted)), DatasetError, "disagree on the samples of some shard"),
+        (lambda: from_dict(LoaderConfig, {"data_dir": "x", "batch": 4}), ConfigError, "did you mean 'batch_size'"),
+        (lambda: from_dict(LoaderConfig, {"data_dir": "x", "on_corrupt": "no"}), ConfigError, "'skip', 'fail'"),
+        (lambda: make_loader(config(tmp_path / "nowhere")), DatasetError, "does not exist"),
+        (lambda: make_loader(config(no_manifest)), DatasetError, "manifest.parquet missing"),
+        (lambda: make_loader(config(no_shard)), DatasetError, "'train-000001.tar' listed in the manifest is missing"),
+        (lambda: make_loader(config(root), expect_grid=(4, 4, 4)), DatasetError,
+         r"grid \[2, 4, 4\].*expects \[4, 4, 4\]"),
+        (lambda: make_loader(config(root), expect_vocab=16384), DatasetError, "codebook_size 1000.*16384"),
+        (lambda: make_loader(config(root, split="val")), DatasetError, "no samples of split 'val'"),
+        (lambda: make_loader(config(root, batch_size=8), 0, 2), ConfigError, "fewer than one batch"),
+        (lambda: make_loader(config(root), 2, 2), ConfigError, "rank 2"),
+        (lambda: config(root, batch_size=0), ConfigError, "'batch_size' must be >= 1"),
+        (lambda: LoaderConfig(), ConfigError, "'data_dir' is empty"),
+        (lambda: make_loader(config(root), 0, 2).load_state_dict({**state, "position": 9}), ConfigError, "position 9"),
+    ]
+    for make, cls, text in cases:
+        with pytest.raises(cls, match=text) as info:
+            make()
+        assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+def test_crop_frames_batches_clips_of_different_lengths(tmp_path):
+    frames = [3 + n % 4 for n in range(24)]   # T' from 3 to 6
+    root = build_dataset(tmp_path / "ds", [10, 14], frames=frames)
+    with pytest.raises(ConfigError, match="differ in length"):
+        make_loader(config(root), 0, 1)
+    with pytest.raises(ConfigError, match="'crop_frames' \\(4\\) exceeds the shortest clip"):
+        make_loader(config(root, crop_frames=4), 0, 1)
+
+    def offsets_by_epoch():
+        loader = make_loader(config(root, crop_frames=3), 0, 1, expect_grid=(3, *GRID[1:]))
+        epochs = []
+        for _ in range(2):
+            offsets = {}
+            for b in loader:
+                assert b["codes"].shape == (4, 3, *GRID[1:])
+                check_codes(b, frames)
+                offsets.update(zip(sample_ids(b), b["frame_offset"].tolist()))
+            epochs.append(offsets)
+        return epochs
+
+    first, second = offsets_by_epoch()
+    assert all(0 <= first[n] <= frames[n] - 3 for n in first) and len(set(first.values())) == 4
+    assert first != second and offsets_by_epoch() == [first, second]
+
+
+def test_split_filter(tmp_path):
+    root = build_dataset(tmp_path / "ds", [12, 12], splits=["val" if n % 4 == 0 else "train" for n in range(24)])
+    batches = list(make_loader(config(root, split="val", batch_size=2), 0, 1))
+    assert sorted(n for b in batches for n in sample_ids(b)) == list(range(0, 24, 4))
+    assert {s for b in batches for s in b["split"]} == {"val"}
+
+
+def test_tar_parser_matches_tarfile_and_falls_back_for_long_names(tmp_path, monkeypatch):
+    root = build_dataset(tmp_path / "ds", [5])
+    buf = (root / "train-000000.tar").read_bytes()
+    slow = _tarfile_members(buf)
+    fallbacks = []
+    # This module's own reference to the tarfile parser stays unpatched.
+    monkeypatch.setattr(loader_module, "_tarfile_members", lambda data: fallbacks.append(1) or _tarfile_members(data))
+    fast = tar_members(buf)
+    assert not fallbacks and len(fast[0]) == 10
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
+    # A key over 100 characters needs a pax header, which the numpy parser leaves to tarfile.
+    path, long_key = tmp_path / "long-000000.tar", "k" * 150
+    with ShardWriter(path) as writer:
+        writer.write(long_key, clip_codes(5), {})
+        writer.write("short", clip_codes(6), {})
+    clips = read_clips(path, size=path.stat().st_size, sha256=None, keys=[long_key, "short"],
+                       shapes=np.array([GRID, GRID]), vocab=VOCAB)
+    assert fallbacks == [1] and np.array_equal(clips, np.stack([clip_codes(5), clip_codes(6)]))
+
+
+def test_benchmark_quick_writes_consistent_json(tmp_path, capsys):
+    path = tmp_path / "loader.json"
+    returned = loader_throughput.main(["--quick", "--clips", "600", "--batch-size", "64", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result == json.loads(json.dumps(returned)) and result["benchmark"] == "loader_throughput"
+    raw, single, hashed, workers = result["rows"]
+    assert raw["clips"] == 600 and single["clips"] == hashed["clips"] == workers["clips"] == 576   # 9 batches of 64
+    assert [(r["workers"], r["verify"]) for r in result["rows"]] == [(0, None), (0, "size"), (0, "sha256"), (2, "size")]
+    for row in result["rows"]:
+        assert row["clips_per_s"] == pytest.approx(row["clips"] / row["seconds"])
+        assert row["fraction_of_raw"] == pytest.approx(row["clips_per_s"] / raw["clips_per_s"])
+    out = capsys.readouterr().out
+    assert "target >= 20000" in out and "target >= 0.5" in out and "load average" in out

@@ -1,0 +1,252 @@
+"""Preprocessing videos into code shards: contents, resuming, task splits, workers and input errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data_pipeline.manifest import DatasetError, merge_manifest
+from benchmarks import preprocess_throughput
+from data_pipeline.preprocess import PreprocessConfig, ShardMaker, preprocess
+from data_pipeline.shard_format import read_shard
+from data_pipeline.synthetic_videos import SynthConfig, split_indices, video_id, write_synthetic_dataset
+from data_pipeline.verify import dataset_stats, verify_dataset
+from data_pipeline.video import ClipConfig, iter_clips, list_videos
+from mebt.config import ConfigError, UserError
+from mebt.vqgan import VQGAN, VQGANConfig
+from mebt.vqgan_checkpoint import load_tokenizer, save_tokenizer, tokenizer_sha256
+
+# 8 train videos once the broken one is added (7 synthetic + 1 unreadable), 2 videos per shard: 4 shards.
+# Clips of 4 frames every 4 frames of 8-frame videos: 2 clips per readable video, grids 2 x 4 x 4.
+SYNTH = SynthConfig(num_videos=9, frames=8, resolution=32, test_fraction=0.25)
+CLIP = ClipConfig(sequence_length=4, resolution=16, all_stride=4)
+GRID = [2, 4, 4]
+N_CODES = 32
+
+
+def tiny_tokenizer(seed: int) -> VQGAN:
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig(embedding_dim=8, n_codes=N_CODES, n_hiddens=4, downsample=(2, 4, 4), num_groups=4))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    videos = root / "videos"
+    write_synthetic_dataset(videos, SYNTH, progress=False)
+    (videos / "broken.mp4").write_bytes(b"this is not a video\n" * 8)
+    with open(videos / "train.txt", "a") as f:
+        f.write("broken.mp4\n")
+    tokenizer = root / "tokenizer.pt"
+    save_tokenizer(tiny_tokenizer(seed=0), tokenizer)
+    return SimpleNamespace(root=root, videos=videos, tokenizer=tokenizer)
+
+
+def make_config(data, out, **overrides) -> PreprocessConfig:
+    # batch_size 3 over 4 clips per shard also exercises a partial last batch.
+    kwargs = dict(input_dir=str(data.videos), out_dir=str(out), tokenizer=str(data.tokenizer), split="train",
+                  clip=CLIP, videos_per_shard=2, batch_size=3, device="cpu")
+    return PreprocessConfig(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted single-task, single-worker run: what every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "codes"
+    result = preprocess(make_config(data, out))
+    return SimpleNamespace(out=out, result=result, files=snapshot(out))
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def shard_paths(out: Path) -> list[Path]:
+    return sorted(out.glob("train-*.tar"))
+
+
+def test_end_to_end_counts_metadata_verify_and_stats(data, reference):
+    out, result = reference.out, reference.result
+    assert [p.name for p in shard_paths(out)] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert result["clips"] == 14 and result["shards_written"] == 4 and result["skipped_videos"] == 1
+    assert result["clips_per_s"] > 0 and result["merged"]["clips"] == 14
+
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["format_version"] == 1 and info["complete"] is True
+    assert info["tokenizer_sha256"] == tokenizer_sha256(data.tokenizer)
+    assert info["codebook_size"] == N_CODES and info["grid"] == GRID
+    assert info["clip"] == dataclasses.asdict(CLIP) and info["split"] == "train" and info["prefix"] == "train"
+    assert info["counts"] == {"videos_listed": 8, "videos": 7, "clips": 14, "shards": 4, "skipped_videos": 1,
+                              "bytes": sum(p.stat().st_size for p in shard_paths(out))}
+    assert info["skipped_videos"] == [{"video_id": "broken", "source": "broken.mp4"}]
+
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(manifest) == 14
+    # The broken video sorts first, so shard 0 holds the first synthetic train video's 2 clips.
+    first_id = video_id(split_indices(SYNTH)[0][0])
+    assert manifest[1] == {"shard": "train-000000.tar", "key": "train-000000-000001", "index": 1,
+                           "video_id": first_id, "split": "train", "start": 4, "stride": 1, "fps": 8.0,
+                           "source": f"{first_id}.mp4", "grid_t": 2, "grid_h": 4, "grid_w": 4}
+    shards = pq.read_table(out / "shards.parquet").to_pylist()
+    assert [s["num_samples"] for s in shards] == [2, 4, 4, 4]
+    assert [s["bytes"] for s in shards] == [p.stat().st_size for p in shard_paths(out)]
+
+    report = verify_dataset(out)
+    assert report.ok and report.shards_checked == 4 and report.samples_checked == 14, report.lines()
+    stats = dataset_stats(out)
+    assert (stats["videos"], stats["clips"], stats["shards"], stats["grid"]) == (7, 14, 4, GRID)
+    assert stats["per_split"] == {"train": {"videos": 7, "clips": 14}}
+
+
+def test_shards_hold_exactly_the_tokenizer_codes(data, reference):
+    model = load_tokenizer(data.tokenizer).eval()
+    expected = {}
+    for clip in iter_clips(list_videos(data.videos, "train"), CLIP):
+        with torch.no_grad():
+            expected[(clip["video_id"], clip["start"])] = model.encode(clip["video"][None])[0].numpy()
+    found = {}
+    for path in shard_paths(reference.out):
+        for key, codes, meta in read_shard(path):
+            assert codes.dtype == np.int16 and list(codes.shape) == GRID
+            assert meta["source"] == f"{meta['video_id']}.mp4" and meta["split"] == "train"
+            found[(meta["video_id"], meta["start"])] = codes
+    assert sorted(found) == sorted(expected)
+    for clip_id, codes in found.items():
+        np.testing.assert_array_equal(codes, expected[clip_id], err_msg=str(clip_id))
+
+
+def test_rerun_rewrites_only_the_missing_shard(data, reference, tmp_path):
+    out = tmp_path / "codes"
+    shutil.copytree(reference.out, out)
+    (out / "train-000002.tar").unlink()
+    # What a killed run leaves: a half-written shard and manifest part under their temporary names.
+    leftovers = [out / "train-000002.tar.tmp99999", out / "manifest-parts" / "train-000002.parquet.tmp99999"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
+    kept = {p.name: p.stat().st_mtime_ns for p in shard_paths(out)}
+
+    result = preprocess(make_config(data, out))
+
+    assert (result["shards_written"], result["shards_already_done"], result["clips"]) == (1, 3, 4)
+    assert {p.name: p.stat().st_mtime_ns for p in shard_paths(out) if p.name in kept} == kept
+    assert not any(p.exists() for p in leftovers)
+    assert snapshot(out) == reference.files
+
+
+def test_two_tasks_then_merge_equal_one_task(data, reference, tmp_path):
+    out = tmp_path / "codes"
+    first = preprocess(make_config(data, out, task_index=0, num_tasks=2))
+    assert first["shards_written"] == 2 and first["merged"] is None
+    assert sorted(p.name for p in shard_paths(out)) == ["train-000000.tar", "train-000002.tar"]
+    with pytest.raises(DatasetError, match="2 of 4 shards are not finished .*train-000001.tar, train-000003.tar"):
+        merge_manifest(out)
+
+    second = preprocess(make_config(data, out, task_index=1, num_tasks=2))
+    assert second["shards_written"] == 2 and second["merged"]["clips"] == 14   # the last task merges
+    assert merge_manifest(out) == second["merged"]
+    assert snapshot(out) == reference.files
+
+
+def test_two_workers_equal_one(data, reference, tmp_path, monkeypatch):
+    def not_here(*args):
+        raise AssertionError("with workers=2 the shards must be made in the worker processes")
+
+    monkeypatch.setattr(ShardMaker, "make", not_here)   # spawned workers import the real method
+    out = tmp_path / "codes"
+    result = preprocess(make_config(data, out, workers=2))
+    assert result["shards_written"] == 4 and result["clips"] == 14
+    assert snapshot(out) == reference.files
+
+
+def test_a_worker_error_stops_the_run(data, tmp_path):
+    out = tmp_path / "codes"
+    out.mkdir()
+    (out / "manifest-parts").write_text("a file where the parts folder belongs")
+    with pytest.raises(FileExistsError):
+        preprocess(make_config(data, out, workers=2))
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_throughput_benchmark_quick_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    returned = preprocess_throughput.main(["--quick", "--json", str(path)])
+    assert json.loads(path.read_text()) == returned
+    assert returned["clips"] == 8 and returned["size"] == "quick"
+    for rate in ("decode_clips_per_s", "encode_clips_per_s", "preprocess_clips_per_s"):
+        assert returned[rate] > 0
+    assert "preprocess end to end" in capsys.readouterr().out
+
+
+def _existing_dataset(reference, tmp_path) -> Path:
+    out = tmp_path / "existing"
+    out.mkdir()
+    shutil.copy(reference.out / "dataset.json", out / "dataset.json")
+    return out
+
+
+def _other_tokenizer(tmp_path) -> Path:
+    path = tmp_path / "other.pt"
+    save_tokenizer(tiny_tokenizer(seed=1), path)
+    return path
+
+
+def _empty_split(tmp_path) -> Path:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.txt").write_text("")
+    return tmp_path / "empty"
+
+
+BAD_INPUTS = {
+    "missing input dir": (lambda r, t: {"input_dir": str(t / "nowhere")}, r"input dir '.*nowhere' does not exist"),
+    "missing tokenizer": (lambda r, t: {"tokenizer": str(t / "none.pt")},
+                          r"tokenizer checkpoint '.*none.pt' does not exist"),
+    "no videos": (lambda r, t: {"input_dir": str(_empty_split(t))}, r"no videos in split 'train' of '.*empty'"),
+    "resolution": (lambda r, t: {"clip": ClipConfig(sequence_length=4, resolution=18)},
+                   r"clip resolution 18 is not divisible by the tokenizer's spatial downsampling 4x4"),
+    "sequence length": (lambda r, t: {"clip": ClipConfig(sequence_length=3, resolution=16)},
+                        r"clip sequence length 3 is not divisible by the tokenizer's temporal downsampling 2"),
+    "other tokenizer": (lambda r, t: {"out_dir": str(_existing_dataset(r, t)), "tokenizer": str(_other_tokenizer(t))},
+                        r"holds a dataset made with different settings: tokenizer_sha256 \(existing \w+\.\.\., now \w+"),
+    "other clip settings": (lambda r, t: {"out_dir": str(_existing_dataset(r, t)),
+                                          "clip": dataclasses.replace(CLIP, resolution=32)},
+                            r"different settings: grid \(existing \[2, 4, 4\], now \[2, 8, 8\]\), "
+                            r"clip.resolution \(existing 16, now 32\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_a_one_line_user_error(case, data, reference, tmp_path):
+    overrides, pattern = BAD_INPUTS[case]
+    with pytest.raises(UserError, match=pattern) as caught:
+        preprocess(make_config(data, tmp_path / "out", **overrides(reference, tmp_path)))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()   # refused before anything was written
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"task_index": 2, "num_tasks": 2}, r"'task_index' must be in \[0, num_tasks=2\), got 2"),
+    ({"prefix": "a.b"}, r"'prefix' must use only letters"),
+    ({"workers": 0}, r"'workers' must be positive"),
+])
+def test_bad_config_values(overrides, pattern, data, tmp_path):
+    with pytest.raises(ConfigError, match=pattern):
+        make_config(data, tmp_path, **overrides)
+
+
+def test_resume_refuses_a_changed_video_list(data, reference, tmp_path):
+    videos = tmp_path / "videos"
+    shutil.copytree(data.videos, videos)
+    (videos / "train.txt").write_text("".join(line + "\n" for line in (videos / "train.txt").read_text().split()[:-1]))
+    out = tmp_path / "codes"
+    shutil.copytree(reference.out, out)
+    with pytest.raises(DatasetError, match=r"num_videos \(existing 8, now 7\), videos_sha256 \(existing \w+\.\.\."):
+        preprocess(make_config(data, out, input_dir=str(videos)))
+    assert os.listdir(out) == os.listdir(reference.out)
