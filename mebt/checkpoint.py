@@ -79,6 +79,19 @@ def model_from_state_dict(cfg: MeBTConfig, state_dict: Mapping, what: str, hint:
     return model
 
 
+def atomic_save(payload, path: str | Path) -> None:
+    """``torch.save`` to a temporary name in the same folder, then rename: a crash leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target, so os.replace is an atomic rename on the same file system.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_model(model: MeBT, path: str | Path, extra: dict | None = None) -> None:
     """Write ``model`` (config + parameters, on CPU) and the plain values in ``extra`` to ``path``.
 
@@ -96,15 +109,7 @@ def save_model(model: MeBT, path: str | Path, extra: dict | None = None) -> None
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target, so os.replace is an atomic rename on the same file system.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save(payload, path)
 
 
 def read_model_file(path: str | Path, map_location="cpu") -> dict:

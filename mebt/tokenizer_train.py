@@ -26,7 +26,9 @@ from tqdm import tqdm
 from mebt.config import ConfigError, flatten, to_dict
 from mebt.train import pick_device
 from mebt.vqgan import VQGAN, VQGANConfig, check_at_least
-from mebt.vqgan_checkpoint import atomic_save, save_tokenizer
+from data_pipeline.video import ClipConfig, VideoClipDataset
+from mebt.checkpoint import atomic_save
+from mebt.vqgan_checkpoint import save_tokenizer
 
 RESUME_FORMAT = "mebt-tokenizer-train-v1"
 
@@ -66,6 +68,9 @@ class TokenizerOptimConfig:
         check_at_least(self, ("weight_decay", "warmup_steps", "grad_clip"), 0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+
+    def adamw(self, params) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate of 0-based ``step``: linear warmup, then constant or cosine down to the floor at ``total``."""
@@ -126,8 +131,8 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Indices of batch ``step``: consecutive slices of a fresh permutation per epoch.
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[tuple[int, int]]:
+    """(index, epoch) of each item of batch ``step``: consecutive slices of a fresh permutation per epoch.
 
     A pure function of the step, so a resumed run draws exactly the batches the interrupted one would have."""
     out, perms = [], {}
@@ -135,8 +140,26 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
         epoch = pos // n
         if epoch not in perms:
             perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perms[epoch][pos % n]))
+        out.append((int(perms[epoch][pos % n]), epoch))
     return out
+
+
+class EpochItems(Dataset):
+    """Fetches (index, epoch) keys: sets the epoch of a data set that has ``set_epoch`` (VideoClipDataset
+    draws a new random clip per video and epoch) inside whichever process loads the item, then the item."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.inner = dataset.dataset if isinstance(dataset, Subset) else dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        return self.dataset[index]
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -194,8 +217,8 @@ def build_discriminators(cfg: TokenizerTrainConfig, clip_shape, device) -> nn.Mo
     """The enabled discriminators; each is first tried on the meta device, so too many layers for the clip
     size fail with a clear line instead of a conv error mid-training."""
     lc, ch = cfg.loss, cfg.model.image_channels
-    wanted = {name: dims for name, dims, weight in (("image", 2, lc.image_gan_weight), ("video", 3, lc.video_gan_weight))
-              if weight > 0}
+    weights = {"image": (2, lc.image_gan_weight), "video": (3, lc.video_gan_weight)}
+    wanted = {name: dims for name, (dims, weight) in weights.items() if weight > 0}
     for name, dims in wanted.items():
         shape = clip_shape[-dims:]
         try:
@@ -277,15 +300,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_set, eval_set = split_data(dataset, eval_dataset, tc.eval_clips)
-    clip_shape = tuple(train_set[0]["video"].shape[1:])
-    check_clip_shape(cfg, train_set[0]["video"])
+    first = train_set[0]["video"]
+    check_clip_shape(cfg, first)
+    clip_shape = tuple(first.shape[1:])
 
     torch.manual_seed(tc.seed)
     model = VQGAN(cfg.model).to(device).train()
     discs = build_discriminators(cfg, clip_shape, device)
     oc = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
-    d_opt = torch.optim.AdamW(discs.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay) if discs else None
+    opt = oc.adamw(model.parameters())
+    d_opt = oc.adamw(discs.parameters()) if discs else None
     eval_loader = DataLoader(eval_set, batch_size=tc.batch_size, num_workers=tc.num_workers)
 
     last_path = run_dir / "tokenizer_last.ckpt"
@@ -299,7 +323,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
             discs.load_state_dict(ckpt["discriminators"])
             d_opt.load_state_dict(ckpt["disc_optimizer"])
         torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda":
+        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step, losses, psnr_start = ckpt["step"], ckpt["losses"], ckpt["psnr_start"]
         print(f"resumed from {last_path} at step {step}")
@@ -318,8 +342,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
           f"{list(model.latent_shape(*clip_shape))} of {cfg.model.n_codes}, {len(train_set)} training clips, "
           f"held-out PSNR {psnr_start:.2f} dB at start")
     # Own generator: the DataLoader must not draw from the global RNG, or a resumed run would diverge.
-    loader = DataLoader(train_set, batch_sampler=StepBatches(len(train_set), tc.batch_size, tc.seed, step, tc.steps),
-                        num_workers=tc.num_workers, generator=torch.Generator().manual_seed(tc.seed))
+    batches = StepBatches(len(train_set), tc.batch_size, tc.seed, step, tc.steps)
+    loader = DataLoader(EpochItems(train_set), batch_sampler=batches, num_workers=tc.num_workers,
+                        generator=torch.Generator().manual_seed(tc.seed))
     bar = tqdm(loader, initial=step, total=tc.steps, desc="tokenizer", unit="step")
     t0 = time.perf_counter()
     for batch in bar:
@@ -343,3 +368,25 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
     (run_dir / "tokenizer_metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return {**result, "losses": list(losses)}
+
+
+@dataclass
+class TokenizerDataConfig:
+    root: str = "data/synth"             # videos (with train.txt/test.txt) or frame folders
+    train_split: str = "train"
+    eval_split: str | None = "test"      # held-out videos for PSNR; None: the last train.eval_clips clips
+    clip: ClipConfig = field(default_factory=ClipConfig)
+
+
+@dataclass
+class TokenizerRunConfig(TokenizerTrainConfig):
+    """What `mebt tokenizer train --config X` reads: the training config plus where the videos are."""
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+
+
+def train_tokenizer_on_videos(cfg: TokenizerRunConfig) -> dict:
+    """``train_tokenizer`` on random clips of the videos in ``cfg.data`` (held-out split for PSNR)."""
+    data = cfg.data
+    train_set = VideoClipDataset(data.root, data.train_split, data.clip, seed=cfg.train.seed)
+    eval_set = VideoClipDataset(data.root, data.eval_split, data.clip, seed=cfg.train.seed + 1) if data.eval_split else None
+    return train_tokenizer(cfg, train_set, eval_set)

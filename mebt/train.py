@@ -7,7 +7,6 @@ is started again continues exactly where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from tqdm import tqdm
 
 from data_pipeline.synthetic_codes import SyntheticCodesConfig, is_plausible, make_code_grids, uses_data_palette
+from mebt.checkpoint import atomic_save
 from mebt.config import ConfigError, to_dict
 from mebt.model import MeBT, MeBTConfig
 from mebt.objective import ObjectiveConfig, chunked_masked_loss, masked_loss, param_groups, sample_masks
@@ -80,10 +80,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def save_checkpoint(path: Path, model, optimizer, state: TrainState, cfg: RunConfig) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-                "rng": state.rng, "losses": state.losses, "config": to_dict(cfg)}, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    # Atomic: a crash mid-write leaves the previous checkpoint intact.
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+                 "rng": state.rng, "losses": state.losses, "config": to_dict(cfg)}, path)
 
 
 def evaluate(model, cfg: RunConfig, held_out: torch.Tensor, device) -> dict:

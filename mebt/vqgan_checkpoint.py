@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mebt.checkpoint import CheckpointError, check_state_dict
+from mebt.checkpoint import CheckpointError, atomic_save, check_state_dict
 from mebt.config import ConfigError, UserError, from_dict, to_dict
 from mebt.vqgan import VQGAN, VQGANConfig
 
@@ -29,18 +29,6 @@ _RESERVED = ("format", "state_dict", "hyper_parameters")
 
 class TokenizerError(UserError):
     """A tokenizer checkpoint that cannot be used; one line naming the file and what is wrong."""
-
-
-def atomic_save(payload, path: str | Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename: a crash leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_tokenizer(model: VQGAN, path: str | Path, extra: dict | None = None) -> None:
@@ -83,7 +71,8 @@ def read_checkpoint(path: Path, map_location="cpu") -> dict:
         except pickle.UnpicklingError as e:
             error = e  # only the weights-only check failed: try the next, more permissive load
         except Exception as e:  # torch raises several types for damaged or foreign files
-            raise TokenizerError(f"tokenizer checkpoint '{path}' cannot be read: torch.load failed ({_first_line(e)})") from None
+            raise TokenizerError(f"tokenizer checkpoint '{path}' cannot be read: torch.load failed "
+                                 f"({_first_line(e)})") from None
     raise TokenizerError(f"tokenizer checkpoint '{path}' cannot be read: torch.load failed ({_first_line(error)})")
 
 
@@ -91,7 +80,8 @@ def config_from_args(args, what: str) -> VQGANConfig:
     """The model hyperparameters out of TATS's Namespace or our dict (training-only fields are ignored)."""
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(args, dict):
-        raise TokenizerError(f"{what} has no hyper_parameters['args']; it is not a TATS VQGAN or mebt tokenizer checkpoint")
+        raise TokenizerError(f"{what} has no hyper_parameters['args']; it is not a TATS VQGAN or mebt tokenizer "
+                             "checkpoint")
     names = {f.name for f in dataclasses.fields(VQGANConfig)}
     try:
         return from_dict(VQGANConfig, {k: v for k, v in args.items() if k in names})

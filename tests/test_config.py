@@ -28,6 +28,7 @@ def test_yaml_and_overrides_merge(tmp_path):
     path.write_text("inner:\n  width: 16\n  shape: [3, 4]\nname: run\n")
     cfg = load_config(Outer, path, ["inner.mode=b", "inner.scale=2", "model.n_layer=4", "inner.cap=7"])
     assert cfg.inner == Inner(width=16, mode="b", scale=2.0, shape=(3, 4), cap=7)
+    assert load_config(Outer, None, ["inner.scale=1e-3"]).inner.scale == 0.001  # YAML reads 1e-3 as a string
     assert cfg.model.n_layer == 4 and cfg.name == "run"
     assert isinstance(cfg.inner.scale, float)
     # the resolved dict round-trips to the same config
@@ -49,6 +50,7 @@ def test_yaml_and_overrides_merge(tmp_path):
     (["model.layer_plan=[latent_dec, latent_enc]", "model.n_layer=2"], "must end with latent_dec"),
     (["model.n_layer=3"], "config key 'model.n_layer' must be an even number"),
     (["inner"], "is not of the form key=value"),
+    (["inner.scale=abc"], "config key 'inner.scale' must be float"),
 ])
 def test_bad_values_give_one_clear_line(override, fragment):
     with pytest.raises(ConfigError) as e:

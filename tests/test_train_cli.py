@@ -131,3 +131,21 @@ def test_preprocess_verify_stats_cli_end_to_end(tmp_path, capsys):
     assert shard.name in capsys.readouterr().out
     assert main(["preprocess", str(videos), "--out", str(out)]) == 2
     assert "needs INPUT_DIR and --tokenizer" in capsys.readouterr().err
+
+
+def test_tokenizer_train_cli_then_preprocess_with_it(tmp_path, capsys):
+    """Synthetic mp4 -> tokenizer training -> preprocess with the trained tokenizer -> verify, all from the CLI."""
+    videos, run, out = tmp_path / "videos", tmp_path / "tok", tmp_path / "codes"
+    assert main(["data", "synth", str(videos), "--num-videos", "6", "--frames", "8", "--resolution", "32"]) == 0
+    assert main(["tokenizer", "train", "--config", "configs/tokenizer_tiny.yaml", f"data.root={videos}",
+                 f"train.run_dir={run}", "train.steps=30", "train.eval_clips=2", "train.batch_size=4",
+                 "train.ckpt_every=10", "optim.lr=3e-3"]) == 0
+    assert "held-out PSNR" in capsys.readouterr().out
+    metrics = json.loads((run / "tokenizer_metrics.json").read_text())
+    assert metrics["psnr"] > metrics["psnr_start"] + 3
+    assert main(["preprocess", str(videos), "--out", str(out), "--tokenizer", str(run / "tokenizer.ckpt"),
+                 "--sequence-length", "8", "--resolution", "32", "--no-progress"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["grid"] == [4, 8, 8]
+    assert main(["data", "verify", str(out)]) == 0
+    assert main(["tokenizer", "train", "model.n_cdes=3"]) == 2
+    assert "did you mean 'model.n_codes'" in capsys.readouterr().err
