@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # Installs only what is missing: torch first (CPU build from local disk on CPU machines), then the package.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, pathlib, sys; \
+	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, pathlib, sys; \
 		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 
