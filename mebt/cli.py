@@ -105,6 +105,12 @@ def cmd_bench(args) -> None:
     module.main(args.args)
 
 
+def add_config_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """--config YAML plus dotted KEY=VALUE overrides, validated against the command's config dataclass."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mebt", description="Train, sample and benchmark MeBT video models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -113,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train MeBT from a YAML config with dotted overrides, e.g. "
                                    "`mebt train --config configs/tiny.yaml model.n_layer=4 train.steps=100`. "
                                    "A run directory holding a checkpoint is resumed automatically.")
-    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    add_config_args(p, "YAML config file (default: built-in defaults)")
     p.set_defaults(func=cmd_train)
 
     tok = sub.add_parser("tokenizer", help="the 3D VQGAN tokenizer: train one",
@@ -125,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`mebt tokenizer train --config configs/tokenizer_tiny.yaml train.steps=500`. "
                                    "Writes RUN_DIR/tokenizer.ckpt (loadable by `mebt preprocess --tokenizer`) and "
                                    "reports held-out PSNR; an interrupted run resumes from RUN_DIR/tokenizer_last.ckpt.")
-    p.add_argument("--config", help="YAML config (sections model, loss, optim, train, data)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    add_config_args(p, "YAML config (sections model, loss, optim, train, data)")
     p.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("convert-official", help="import an official MeBT checkpoint",

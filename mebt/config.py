@@ -25,6 +25,14 @@ class ConfigError(UserError):
     """A bad configuration value; the message is one line naming the key and the fix."""
 
 
+def check_at_least(cfg, keys: tuple[str, ...], minimum: int) -> None:
+    """ConfigError naming the first of ``keys`` whose value on ``cfg`` is below ``minimum`` (0 or 1)."""
+    word = "positive" if minimum else "non-negative"
+    for key in keys:
+        if getattr(cfg, key) < minimum:
+            raise ConfigError(f"config key '{key}' must be {word}, got {getattr(cfg, key)}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

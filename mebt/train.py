@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_pipeline.synthetic_codes import SyntheticCodesConfig, is_plausible, make_code_grids, uses_data_palette
 from mebt.checkpoint import atomic_save
-from mebt.config import ConfigError, to_dict
+from mebt.config import ConfigError, check_at_least, to_dict
 from mebt.model import MeBT, MeBTConfig
 from mebt.objective import ObjectiveConfig, chunked_masked_loss, masked_loss, param_groups, sample_masks
 from mebt.sampling import SamplingConfig, sample
@@ -47,9 +47,7 @@ class TrainConfig:
     run_dir: str = "runs/tiny"
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "log_every", "ckpt_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
+        check_at_least(self, ("steps", "batch_size", "log_every", "ckpt_every"), 1)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"config key 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -22,20 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mebt.config import ConfigError
+from mebt.config import ConfigError, check_at_least
 
 EMA_DECAY = 0.99
 COMMITMENT = 0.25
 # Rows of the [rows, n_codes] distance matrix computed at once: bounds memory to 64 MB for any video length.
 _DISTANCE_ELEMENTS = 1 << 24
-
-
-def check_at_least(cfg, keys: tuple[str, ...], minimum: int) -> None:
-    """ConfigError naming the first of ``keys`` whose value on ``cfg`` is below ``minimum`` (0 or 1)."""
-    word = "positive" if minimum else "non-negative"
-    for key in keys:
-        if getattr(cfg, key) < minimum:
-            raise ConfigError(f"config key '{key}' must be {word}, got {getattr(cfg, key)}")
 
 
 @dataclass
