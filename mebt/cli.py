@@ -56,7 +56,7 @@ def cmd_preprocess(args) -> None:
 
     from data_pipeline.manifest import merge_manifest
     from data_pipeline.preprocess import PreprocessConfig, preprocess
-    from mebt.config import load_config
+    from data_pipeline.video import ClipConfig
 
     if args.merge:
         counts = merge_manifest(args.out)
@@ -67,15 +67,14 @@ def cmd_preprocess(args) -> None:
     # A SLURM array task finds its slice in the environment unless told otherwise.
     task = args.task_index if args.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
     tasks = args.num_tasks if args.num_tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-    overrides = [f"input_dir={args.input_dir}", f"out_dir={args.out}", f"tokenizer={args.tokenizer}",
-                 f"split={args.split}", f"videos_per_shard={args.videos_per_shard}", f"workers={args.workers}",
-                 f"batch_size={args.batch_size}", f"task_index={task}", f"num_tasks={tasks}",
-                 f"clip.sequence_length={args.sequence_length}", f"clip.resolution={args.resolution}",
-                 f"clip.frame_stride={args.frame_stride}",
-                 f"clip.all_stride={args.clip_stride or args.sequence_length * args.frame_stride}",
-                 f"progress={not args.no_progress}"]
-    overrides += [f"prefix={args.prefix}"] * bool(args.prefix) + [f"device={args.device}"] * bool(args.device)
-    result = preprocess(load_config(PreprocessConfig, None, overrides))
+    clip = ClipConfig(sequence_length=args.sequence_length, resolution=args.resolution,
+                      frame_stride=args.frame_stride, starts="all",
+                      all_stride=args.clip_stride or args.sequence_length * args.frame_stride)
+    cfg = PreprocessConfig(input_dir=args.input_dir, out_dir=args.out, tokenizer=args.tokenizer, split=args.split,
+                           prefix=args.prefix, clip=clip, videos_per_shard=args.videos_per_shard,
+                           workers=args.workers, batch_size=args.batch_size, task_index=task, num_tasks=tasks,
+                           device=args.device, progress=not args.no_progress)
+    result = preprocess(cfg)
     print(json.dumps(result, indent=2))
 
 

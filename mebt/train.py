@@ -65,7 +65,7 @@ class RunConfig:
 @dataclass
 class TrainState:
     step: int = 0
-    rng: torch.Tensor | None = None   # state of the batch/mask generator
+    gen: torch.Generator = field(default_factory=torch.Generator)   # draws batches and masks
     losses: list[float] = field(default_factory=list)
 
 
@@ -80,7 +80,7 @@ def pick_device(name: str) -> torch.device:
 def save_checkpoint(path: Path, model, optimizer, state: TrainState, cfg: RunConfig) -> None:
     # Atomic: a crash mid-write leaves the previous checkpoint intact.
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-                 "rng": state.rng, "losses": state.losses, "config": to_dict(cfg)}, path)
+                 "rng": state.gen.get_state(), "losses": state.losses, "config": to_dict(cfg)}, path)
 
 
 def evaluate(model, cfg: RunConfig, held_out: torch.Tensor, device) -> dict:
@@ -94,13 +94,13 @@ def evaluate(model, cfg: RunConfig, held_out: torch.Tensor, device) -> dict:
     model.eval()
     g = torch.Generator().manual_seed(cfg.train.seed + 1)
     n = held_out[0].numel()
-    perm = torch.rand(len(held_out), n, generator=g).argsort(dim=1)
+    perm = torch.rand(len(held_out), n, generator=g).argsort(dim=1).to(device)
+    ctx, tgt = perm[:, : n // 2], perm[:, n // 2:]
     codes = held_out.flatten(1).to(device)
     with torch.no_grad():
-        logits = model(codes, perm[:, : n // 2].to(device), perm[:, n // 2:].to(device))
-        loss, metrics = masked_loss(logits, codes, perm[:, n // 2:].to(device))
-        majority = codes.gather(1, perm[:, : n // 2].to(device)).mode(dim=1).values
-        majority_acc = (codes.gather(1, perm[:, n // 2:].to(device)) == majority[:, None]).float().mean()
+        loss, metrics = masked_loss(model(codes, ctx, tgt), codes, tgt)
+        majority = codes.gather(1, ctx).mode(dim=1).values
+        majority_acc = (codes.gather(1, tgt) == majority[:, None]).float().mean()
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     grids = sample(model, cfg.sampling, cfg.train.eval_samples, generator=gen).cpu()
     grids = grids.view(-1, *cfg.model.latent_shape)
@@ -126,16 +126,16 @@ def train(cfg: RunConfig) -> dict:
     torch.manual_seed(tc.seed)
     model = MeBT(cfg.model).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    gen = torch.Generator().manual_seed(tc.seed)
     state = TrainState()
+    state.gen.manual_seed(tc.seed)
 
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        state = TrainState(step=ckpt["step"], rng=ckpt["rng"], losses=ckpt["losses"])
-        gen.set_state(state.rng)
+        state = TrainState(step=ckpt["step"], losses=ckpt["losses"])
+        state.gen.set_state(ckpt["rng"])
         print(f"resumed from {ckpt_path} at step {state.step}")
 
     print(f"MeBT {model.num_params() / 1e6:.2f}M params on {device}, grid {list(cfg.model.latent_shape)}, "
@@ -143,8 +143,9 @@ def train(cfg: RunConfig) -> dict:
     bar = tqdm(range(state.step, tc.steps), initial=state.step, total=tc.steps, desc="train", unit="step")
     t0 = time.perf_counter()
     for step in bar:
-        codes = train_set[torch.randint(0, len(train_set), (tc.batch_size,), generator=gen)].flatten(1).to(device)
-        masks = sample_masks(cfg.objective, tc.batch_size, cfg.model.latent_shape, step, gen)
+        pick = torch.randint(0, len(train_set), (tc.batch_size,), generator=state.gen)
+        codes = train_set[pick].flatten(1).to(device)
+        masks = sample_masks(cfg.objective, tc.batch_size, cfg.model.latent_shape, step, state.gen)
         tgt_idx = masks.tgt_idx.to(device)
         features = model.features(codes, masks.ctx_idx.to(device), tgt_idx)
         loss, metrics = chunked_masked_loss(features, model.head, codes, tgt_idx, cfg.objective.label_smoothing)
@@ -154,10 +155,9 @@ def train(cfg: RunConfig) -> dict:
         optimizer.step()
 
         state.step = step + 1
-        state.rng = gen.get_state()
         state.losses.append(loss.item())
         if state.step % tc.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{metrics['acc1']:.3f}")
+            bar.set_postfix(loss=f"{state.losses[-1]:.3f}", acc1=f"{metrics['acc1']:.3f}")
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps:
             save_checkpoint(ckpt_path, model, optimizer, state, cfg)
     bar.close()
