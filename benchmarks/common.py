@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from mebt.train import pick_device
+
 # Widths the benchmarks compare MeBT and its baselines at. The CPU default keeps a run to minutes on two
 # cores; the paper width (d=1024, 16 heads, 24 layers) is meant for a GPU with bf16 autocast.
 WIDTHS = {
@@ -67,7 +69,7 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     width = "quick" if args.quick else "paper" if args.paper_width else "cpu"
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device or "auto")
     return Setup(device, width, WIDTHS[width], bf16=width == "paper")
 
 

@@ -42,9 +42,6 @@ class _Backbone(nn.Module):
                 x = block(x, causal=causal, cache=None if caches is None else caches[i])
         return x
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 class FullAttentionTransformer(_Backbone):
     """Bidirectional transformer over all N grid positions; a drop-in replacement for ``MeBT``."""

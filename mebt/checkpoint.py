@@ -7,7 +7,10 @@ run code. Every problem is a single ``CheckpointError`` line that names the file
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -16,12 +19,44 @@ import torch
 from mebt.config import ConfigError, UserError, from_dict, to_dict
 from mebt.model import MeBT, MeBTConfig
 
+log = logging.getLogger(__name__)
+
 FORMAT = "mebt-model-v1"
 _RESERVED = ("format", "model_type", "config", "state_dict")
 
 
 class CheckpointError(UserError):
     """A model or checkpoint file that cannot be used; the message is one line naming the file and keys."""
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (torch.load errors span many lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_user_file(path: str | Path, what: str, error: type = None, map_location="cpu", mmap: bool = False):
+    """``torch.load`` a checkpoint the user named, as safely as it allows.
+
+    First ``weights_only=True`` (this project's files); then the same with ``argparse.Namespace``
+    allow-listed (TATS and Lightning pickle their hyper-parameters as one); only if that fails too does it
+    fall back to ``weights_only=False``, which can run code stored in the file. That happens only for this
+    file, which the user passed explicitly, and is logged: never point it at a file you do not trust.
+    ``what`` names the file in the one-line ``error`` (default CheckpointError) raised when it cannot be read.
+    """
+    error = error or CheckpointError
+    attempts = [(True, []), (True, [argparse.Namespace]), (False, [])]
+    for weights_only, allow in attempts:
+        if not weights_only:
+            log.warning("%s holds pickled objects beyond tensors; loading it with weights_only=False because it "
+                        "was named explicitly", what)
+        try:
+            with torch.serialization.safe_globals(allow):
+                return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            failure = e  # only the weights-only check refused it: try the next, more permissive load
+        except Exception as e:  # torch raises several types for damaged or foreign files
+            raise error(f"{what} could not be read by torch.load ({first_line(e)})") from None
+    raise error(f"{what} could not be read by torch.load ({first_line(failure)})")
 
 
 def _listed(keys: Iterable[str], limit: int = 8) -> str:
@@ -121,8 +156,7 @@ def read_model_file(path: str | Path, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for foreign or corrupt files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"model file '{path}' is not a mebt model file: torch.load failed ({first})") from None
+        raise CheckpointError(f"model file '{path}' is not a mebt model file: torch.load failed ({first_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"model file '{path}' is not a mebt model file (format {found!r}, expected "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from mebt.checkpoint import CheckpointError, check_state_dict, expected_shapes, model_from_state_dict, save_model
+from mebt.checkpoint import (CheckpointError, check_state_dict, expected_shapes, load_user_file,
+                             model_from_state_dict, save_model)
 from mebt.model import MeBTConfig, paper_layer_plan
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,7 @@ def read_official_state_dict(ckpt_path: str | Path) -> dict:
         raise CheckpointError(f"official MeBT checkpoint '{path}' does not exist; download it from the MeBT "
                               "release and pass its path")
     mmap = zipfile.is_zipfile(path)  # files in the legacy (pre-torch-1.6) format cannot be memory-mapped
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError:
-            log.warning("official checkpoint '%s' holds pickled objects (Lightning hyper-parameters); "
-                        "loading it with weights_only=False because it was named explicitly", path)
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # foreign or corrupt files raise several types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"official MeBT checkpoint '{path}' could not be read by torch.load ({first})") from None
+    ckpt = load_user_file(path, f"official MeBT checkpoint '{path}'", mmap=mmap)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         return ckpt["state_dict"]
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

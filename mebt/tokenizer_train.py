@@ -280,7 +280,8 @@ def train_step(model: VQGAN, discs: nn.ModuleDict, opt, d_opt, cfg: TokenizerTra
 
 def _config_clash(saved: dict, cfg: TokenizerTrainConfig, run_dir: Path) -> None:
     """Refuse to resume a checkpoint trained with another model or loss (changing train.* is fine)."""
-    now = flatten({k: to_dict(cfg)[k] for k in ("model", "loss")})
+    current = to_dict(cfg)
+    now = flatten({k: current[k] for k in ("model", "loss")})
     before = flatten({k: saved.get(k, {}) for k in ("model", "loss")})
     for key, value in now.items():
         if before.get(key) != value:
@@ -316,6 +317,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
     step, losses, psnr_start = 0, [], None
     if last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != RESUME_FORMAT:
+            raise ConfigError(f"'{last_path}' is not a tokenizer training checkpoint (format {RESUME_FORMAT!r}); "
+                              "use another train.run_dir or remove the file")
         _config_clash(ckpt["config"], cfg, run_dir)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
-import pickle
 from pathlib import Path
 
 import torch
 
-from mebt.checkpoint import CheckpointError, atomic_save, check_state_dict
+from mebt.checkpoint import CheckpointError, atomic_save, check_state_dict, load_user_file
 from mebt.config import ConfigError, UserError, from_dict, to_dict
 from mebt.vqgan import VQGAN, VQGANConfig
 
@@ -51,29 +49,9 @@ def tokenizer_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def read_checkpoint(path: Path, map_location="cpu") -> dict:
-    """``torch.load`` the file the user named, as safely as it allows.
-
-    First ``weights_only=True`` (this project's files). A TATS checkpoint pickles its hyperparameters as an
-    ``argparse.Namespace``, so next the same with Namespace allow-listed. Only if that fails too (e.g. other
-    Lightning objects in the pickle) does it fall back to ``weights_only=False``, which can run code from the
-    file: that happens only for this file, which the user passed explicitly and so is trusting.
-    """
-    attempts = [dict(weights_only=True), dict(weights_only=True, allow=[argparse.Namespace]), dict(weights_only=False)]
-    for attempt in attempts:
-        try:
-            with torch.serialization.safe_globals(attempt.get("allow", [])):
-                return torch.load(path, map_location=map_location, weights_only=attempt["weights_only"])
-        except pickle.UnpicklingError as e:
-            error = e  # only the weights-only check failed: try the next, more permissive load
-        except Exception as e:  # torch raises several types for damaged or foreign files
-            raise TokenizerError(f"tokenizer checkpoint '{path}' cannot be read: torch.load failed "
-                                 f"({_first_line(e)})") from None
-    raise TokenizerError(f"tokenizer checkpoint '{path}' cannot be read: torch.load failed ({_first_line(error)})")
+    """The payload of a tokenizer file the user named (see ``load_user_file`` for when pickles are run)."""
+    return load_user_file(path, f"tokenizer checkpoint '{path}'", TokenizerError, map_location)
 
 
 def config_from_args(args, what: str) -> VQGANConfig:

@@ -34,7 +34,7 @@ def test_training_learns_the_procedural_grids(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    full = train(run_cfg(tmp_path / "full", "train.steps=6", "train.ckpt_every=3"))
+    train(run_cfg(tmp_path / "full", "train.steps=6", "train.ckpt_every=3"))
     full_losses = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["losses"]
     # stop after 3 steps (as a killed job would, its last checkpoint at step 3), then start the same run again
     train(run_cfg(tmp_path / "split", "train.steps=3", "train.ckpt_every=3"))
