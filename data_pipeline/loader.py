@@ -296,15 +296,15 @@ class _StreamReader:
         s = slice(j * self.cfg.batch_size, (j + 1) * self.cfg.batch_size)
         rows, offsets, pad = self.plan.rows[s].copy(), self.plan.frame_offsets[s].copy(), self.plan.pad[s].copy()
         shards = self.index.row_shard[rows]
-        corrupt = [shard for shard in np.unique(shards).tolist() if self._block(shard) is None]
+        in_batch, used = np.unique(shards, return_counts=True)   # before stand-ins replace corrupt rows
+        corrupt = [shard for shard in in_batch.tolist() if self._block(shard) is None]
         if corrupt:
             bad = np.flatnonzero(np.isin(shards, corrupt))
             for i in bad.tolist():
                 rows[i], offsets[i] = self._stand_in(int(rows[i]), int(offsets[i]))
             pad[bad] = True
         codes = self._gather(rows, offsets)
-        shards, used = np.unique(self.index.row_shard[self.plan.rows[s]], return_counts=True)
-        for shard, n in zip(shards.tolist(), used.tolist()):
+        for shard, n in zip(in_batch.tolist(), used.tolist()):
             self.uses[shard] -= n
             if not self.uses[shard]:
                 del self.blocks[shard]

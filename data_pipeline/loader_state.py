@@ -38,12 +38,11 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from data_pipeline.manifest import MANIFEST, DatasetError, load_tables
+from data_pipeline.manifest import MANIFEST, SAMPLE_SCHEMA, DatasetError, load_tables
 from mebt.config import ConfigError
 
 STATE_VERSION = 1
-MANIFEST_COLUMNS = ("shard", "key", "index", "video_id", "split", "start", "stride", "fps", "source",
-                    "grid_t", "grid_h", "grid_w")
+MANIFEST_COLUMNS = tuple(SAMPLE_SCHEMA.names)
 STRING_META = ("key", "video_id", "split", "source")
 NUMBER_META = ("start", "stride", "fps")
 

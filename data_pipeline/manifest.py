@@ -14,7 +14,6 @@ Every file here is written under a temporary name and renamed, so concurrent tas
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.shard_format import shard_name
+from mebt.checkpoint import file_sha256  # noqa: F401  (re-exported: verify and tests use it from here)
 from mebt.config import UserError
 
 FORMAT_VERSION = 1
@@ -63,14 +63,6 @@ def _atomic_write_table(path: Path, table: pa.Table) -> None:
     tmp = _tmp_path(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_dataset_json(out_dir: str | Path) -> dict:

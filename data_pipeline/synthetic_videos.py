@@ -18,6 +18,7 @@ from mebt.config import ConfigError, UserError
 
 from tqdm.auto import tqdm
 
+from data_pipeline.manifest import atomic_write_bytes
 from data_pipeline.video import write_video
 
 SHAPES = ("square", "circle", "triangle")
@@ -159,6 +160,14 @@ def write_synthetic_dataset(out_dir, cfg: SynthConfig, progress: bool = True) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_resumable(out_dir, cfg)
+    # The description and splits are written first: a rerun after an interruption must find them to refuse
+    # mixing configs, and they depend only on the config.
+    train, test = split_indices(cfg)
+    for name, indices in (("train", train), ("test", test)):
+        atomic_write_bytes(out_dir / f"{name}.txt", "".join(f"{video_id(i)}.mp4\n" for i in indices).encode())
+    meta = {"generator": "data_pipeline.synthetic_videos", "config": dataclasses.asdict(cfg),
+            "videos": cfg.num_videos, "train": len(train), "test": len(test)}
+    atomic_write_bytes(out_dir / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     written = skipped = 0
     for index in tqdm(range(cfg.num_videos), desc="synthetic videos", unit="video", disable=not progress):
         final = out_dir / f"{video_id(index)}.mp4"
@@ -169,10 +178,4 @@ def write_synthetic_dataset(out_dir, cfg: SynthConfig, progress: bool = True) ->
         write_video(partial, render_video(index, cfg), cfg.fps)
         os.replace(partial, final)
         written += 1
-    train, test = split_indices(cfg)
-    for name, indices in (("train", train), ("test", test)):
-        (out_dir / f"{name}.txt").write_text("".join(f"{video_id(i)}.mp4\n" for i in indices))
-    meta = {"generator": "data_pipeline.synthetic_videos", "config": dataclasses.asdict(cfg),
-            "videos": cfg.num_videos, "train": len(train), "test": len(test)}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {"out_dir": str(out_dir), "written": written, "skipped": skipped, "train": len(train), "test": len(test)}

@@ -8,6 +8,7 @@ run code. Every problem is a single ``CheckpointError`` line that names the file
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import pickle
@@ -27,6 +28,15 @@ _RESERVED = ("format", "model_type", "config", "state_dict")
 
 class CheckpointError(UserError):
     """A model or checkpoint file that cannot be used; the message is one line naming the file and keys."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (shards and tokenizer files are recorded by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def first_line(e: Exception) -> str:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
 
-from mebt.checkpoint import CheckpointError, atomic_save, check_state_dict, load_user_file
+from mebt.checkpoint import CheckpointError, atomic_save, check_state_dict, file_sha256, load_user_file
 from mebt.config import ConfigError, UserError, from_dict, to_dict
 from mebt.vqgan import VQGAN, VQGANConfig
 
@@ -42,11 +41,7 @@ def save_tokenizer(model: VQGAN, path: str | Path, extra: dict | None = None) ->
 
 def tokenizer_sha256(path: str | Path) -> str:
     """Hex SHA-256 of the file's bytes, so code grids can record exactly which tokenizer made them."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def read_checkpoint(path: Path, map_location="cpu") -> dict:

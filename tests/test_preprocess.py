@@ -173,6 +173,7 @@ def test_a_worker_error_stops_the_run(data, tmp_path):
     with pytest.raises(FileExistsError):
         preprocess(make_config(data, out, workers=2))
     assert not list(out.glob("*.tmp*"))
+    assert not (out / "manifest.parquet").exists()   # a failed run never publishes a merged manifest
 
 
 def test_throughput_benchmark_quick_writes_json(tmp_path, capsys):
@@ -225,10 +226,16 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_a_one_line_user_error(case, data, reference, tmp_path):
     overrides, pattern = BAD_INPUTS[case]
+    kwargs = overrides(reference, tmp_path)
+    out = Path(kwargs.get("out_dir", tmp_path / "out"))
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
     with pytest.raises(UserError, match=pattern) as caught:
-        preprocess(make_config(data, tmp_path / "out", **overrides(reference, tmp_path)))
+        preprocess(make_config(data, tmp_path / "out", **kwargs))
     assert "\n" not in str(caught.value)
-    assert not (tmp_path / "out").exists()   # refused before anything was written
+    # refused before anything was written: a fresh folder is not created, an existing one is untouched
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+    if before is not None:
+        assert (out / "dataset.json").read_bytes() == (reference.out / "dataset.json").read_bytes()
 
 
 @pytest.mark.parametrize("overrides, pattern", [

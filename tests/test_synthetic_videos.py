@@ -4,7 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline.synthetic_videos import SynthConfig, render_video, split_indices, write_synthetic_dataset
+import data_pipeline.synthetic_videos as synthetic_videos
+from data_pipeline.synthetic_videos import (SynthConfig, render_video, split_indices, video_id,
+                                          write_synthetic_dataset)
 from data_pipeline.video import read_video
 from mebt.config import ConfigError, UserError
 
@@ -61,7 +63,7 @@ def test_splits_partition_the_videos(tmp_path):
     test = (tmp_path / "test.txt").read_text().split()
     assert len(test) == 2 and not set(train) & set(test)
     assert sorted(train + test) == sorted(p.name for p in tmp_path.glob("*.mp4"))
-    assert split_indices(cfg) == split_indices(SynthConfig(**SMALL))
+    assert test == [f"{video_id(i)}.mp4" for i in split_indices(cfg)[1]]
     meta = json.loads((tmp_path / "synth.json").read_text())
     assert meta["config"]["resolution"] == 64 and meta["train"] == 3
 
@@ -90,3 +92,19 @@ def test_rerun_with_another_render_config_is_refused(tmp_path):
     # More videos with the same rendering settings extend the data set instead.
     summary = write_synthetic_dataset(tmp_path, SynthConfig(**{**SMALL, "num_videos": 6}), progress=False)
     assert summary["written"] == 1 and len(os.listdir(tmp_path)) == 6 + 3
+
+
+def test_an_interrupted_first_run_still_refuses_another_config(tmp_path, monkeypatch):
+    real = synthetic_videos.render_video
+
+    def crash_after_one(index, cfg):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(index, cfg)
+
+    monkeypatch.setattr(synthetic_videos, "render_video", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_dataset(tmp_path, SynthConfig(**SMALL), progress=False)
+    monkeypatch.setattr(synthetic_videos, "render_video", real)
+    with pytest.raises(UserError, match="another config"):
+        write_synthetic_dataset(tmp_path, SynthConfig(**{**SMALL, "resolution": 32}), progress=False)
