@@ -68,17 +68,19 @@ def raw_bound(root: Path, batch_size: int) -> tuple[int, float]:
     return len(clips), time.perf_counter() - start
 
 
-def time_loader(root: Path, args: argparse.Namespace, workers: int, verify: str = "size") -> tuple[int, float]:
-    """(clips, seconds) of the fastest of ``--epochs`` whole epochs, worker start-up included."""
+def time_loader(root: Path, args: argparse.Namespace, workers: int, verify: str = "size") -> tuple[int, float, float]:
+    """(clips, seconds of the fastest epoch, seconds of the first) over ``--epochs`` whole epochs, worker
+    start-up included. The first epoch also parses and checks every shard's tar layout; later epochs in
+    the same process reuse it (workers start afresh each epoch, so they parse again)."""
     loader = make_loader(LoaderConfig(data_dir=str(root), batch_size=args.batch_size, num_workers=workers,
                                       shuffle_buffer=args.shuffle_buffer, seed=args.seed, verify=verify), 0, 1,
                          expect_grid=GRID, expect_vocab=VOCAB)
-    best = float("inf")
+    times = []
     for _ in range(args.epochs):
         start = time.perf_counter()
         clips = sum(len(batch["codes"]) for batch in loader)
-        best = min(best, time.perf_counter() - start)
-    return clips, best
+        times.append(time.perf_counter() - start)
+    return clips, min(times), times[0]
 
 
 def parse_args(argv):
@@ -120,21 +122,25 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     print(f"{args.clips} clips of {'x'.join(map(str, GRID))} int16 codes in shards of {args.shard_size}; batch "
           f"{args.batch_size}; {os.cpu_count()} cores, load average {load:.1f} (other processes share them)")
     rows = []
-    for name, workers, verify, (clips, seconds) in [
-            ("raw in-memory bound", 0, None, raw_bound(root, args.batch_size)),
+    raw_clips, raw_seconds = raw_bound(root, args.batch_size)
+    for name, workers, verify, (clips, seconds, first) in [
+            ("raw in-memory bound", 0, None, (raw_clips, raw_seconds, raw_seconds)),
             ("loader, 1 process", 0, "size", time_loader(root, args, 0)),
             ("loader, 1 process, sha256", 0, "sha256", time_loader(root, args, 0, "sha256")),
             (f"loader, {args.workers} workers", args.workers, "size", time_loader(root, args, args.workers))]:
         rows.append({"name": name, "workers": workers, "verify": verify, "clips": clips, "seconds": seconds,
-                     "clips_per_s": ratio(clips, seconds)})
+                     "clips_per_s": ratio(clips, seconds), "first_epoch_clips_per_s": ratio(clips, first)})
     raw = rows[0]["clips_per_s"]
     for row in rows:
         row["fraction_of_raw"] = ratio(row["clips_per_s"], raw)
-    print_table(["", "clips", "seconds", "clips/s", "of raw"],
+        row["first_epoch_fraction_of_raw"] = ratio(row["first_epoch_clips_per_s"], raw)
+    print_table(["", "clips", "seconds", "clips/s", "of raw", "1st epoch clips/s", "of raw"],
                 [[r["name"], str(r["clips"]), f"{r['seconds']:.3f}", f"{r['clips_per_s']:,.0f}",
-                  f"{r['fraction_of_raw']:.0%}"] for r in rows])
+                  f"{r['fraction_of_raw']:.0%}", f"{r['first_epoch_clips_per_s']:,.0f}",
+                  f"{r['first_epoch_fraction_of_raw']:.0%}"] for r in rows])
     single = rows[1]
-    print("targets (the default loader, verify: size, in one process):")
+    print("targets (the default loader, verify: size, in one process, fastest epoch; the first epoch also "
+          "parses every tar):")
     print_target("loader clips/s in one process", single["clips_per_s"], ">=", TARGET_CLIPS_PER_S)
     print_target("loader fraction of the raw bound", single["fraction_of_raw"], ">=", TARGET_FRACTION_OF_RAW)
     return {"benchmark": "loader_throughput", "grid": list(GRID), "clips": args.clips, "shard_size": args.shard_size,

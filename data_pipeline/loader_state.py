@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from data_pipeline.manifest import MANIFEST, SAMPLE_SCHEMA, DatasetError, load_tables
+from data_pipeline.shard_format import CODES_EXT
 from mebt.config import ConfigError
 
 STATE_VERSION = 1
@@ -92,6 +94,10 @@ class DatasetIndex:
         self.frames = manifest.column("grid_t").to_numpy().astype(np.int64)
         self.spatial = (manifest.column("grid_h").to_numpy(), manifest.column("grid_w").to_numpy())
         self.strings = manifest.select(list(STRING_META)).combine_chunks()
+        # The tar member name of every row's codes, as one fixed-width bytes array (no Python objects, so
+        # forked workers share it): comparing a shard's members against it costs no per-key Python work.
+        members = pc.binary_join_element_wise(manifest.column("key"), f".{CODES_EXT}", "").cast(pa.binary())
+        self.member_names = np.array(members.to_pylist(), dtype="S")
         self.numbers = {c: manifest.column(c).to_numpy() for c in NUMBER_META}
 
         # Every row of a shard, in tar order: what its keys must match when it is read.
@@ -121,11 +127,12 @@ class DatasetIndex:
                                    "some shard (counts or tar positions); rerun mebt preprocess --merge")
         return rows, start, count
 
-    def shard_samples(self, shard: int) -> tuple[list[str], np.ndarray]:
-        """(keys, [T', H', W'] per sample) of every sample of a shard in tar order: what reading it must find."""
+    def shard_samples(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes member names, [T', H', W'] per sample) of every sample of a shard in tar order: what reading
+        it must find."""
         rows = self.all_rows[self.all_start[shard]:self.all_start[shard] + self.all_count[shard]]
         shapes = np.stack([self.frames[rows], *(a[rows] for a in self.spatial)], axis=1)
-        return self.strings.column("key").take(rows).to_pylist(), shapes
+        return self.member_names[rows], shapes
 
     def grid(self, crop_frames: int | None) -> tuple[int, int, int]:
         """The [L, H', W'] every batch has, or a one-line error why this dataset has none."""
