@@ -16,12 +16,37 @@ BENCHMARKS = {
 }
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from mebt.config import load_config
-    from mebt.train import RunConfig, train
+    from mebt.engine import REQUEUE_EXIT_CODE, train
+    from mebt.train_config import RunConfig
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    train(cfg)
+    result = train(load_config(RunConfig, args.config, args.overrides))
+    if result["preempted"]:
+        print(f"mebt: stopped by {result['preempted']} at step {result['step']} after a checkpoint; rerun the same "
+              f"command to resume (exit code {REQUEUE_EXIT_CODE} asks a launcher to requeue)", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    return 0
+
+
+def cmd_export(args) -> None:
+    from mebt.train_checkpoint import export
+
+    result = export(args.checkpoint, args.out)
+    print(f"wrote {result['out']}: step {result['step']} ({result['tag']}), {result['params'] / 1e6:.2f}M fp32 "
+          "parameters, loadable with mebt.checkpoint.load_model (no DeepSpeed needed)")
+
+
+def cmd_data_synth_codes(args) -> None:
+    from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
+    from data_pipeline.synthetic_codes import SyntheticCodesConfig
+
+    cfg = CodeDatasetConfig(codes=SyntheticCodesConfig(num_samples=args.num_samples, sizes=tuple(args.sizes),
+                                                       seed=args.seed),
+                            grid=tuple(args.grid), vocab_size=args.vocab_size, shard_size=args.shard_size)
+    counts = write_code_dataset(args.out, cfg)
+    print(f"{args.out}: {counts['clips']} clips of {'x'.join(map(str, cfg.grid))} codes (vocab {cfg.vocab_size}) "
+          f"in {counts['shards']} shards")
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -114,12 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mebt", description="Train, sample and benchmark MeBT video models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train MeBT (single process, procedural code grids)",
+    p = sub.add_parser("train", help="train MeBT with DeepSpeed from preprocessed shards",
                        description="Train MeBT from a YAML config with dotted overrides, e.g. "
-                                   "`mebt train --config configs/tiny.yaml model.n_layer=4 train.steps=100`. "
-                                   "A run directory holding a checkpoint is resumed automatically.")
-    add_config_args(p, "YAML config file (default: built-in defaults)")
+                                   "`mebt train --config configs/tiny.yaml train.steps=100`. One process with no "
+                                   "launcher, or many under torchrun, the deepspeed launcher or srun (the same "
+                                   "command). A run directory holding a checkpoint is resumed automatically; "
+                                   "SIGTERM/SIGUSR1 checkpoint and exit with code 75 (requeue).")
+    add_config_args(p, "YAML config file (see configs/)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a training checkpoint into one fp32 model file",
+                       description="Turn a DeepSpeed checkpoint (ZeRO 0-3) of `mebt train` into one fp32 model file "
+                                   "that loads without DeepSpeed (for sampling and evaluation).")
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one checkpoints/global_stepN dir")
+    p.add_argument("out", help="output model file (.pt)")
+    p.set_defaults(func=cmd_export)
 
     tok = sub.add_parser("tokenizer", help="the 3D VQGAN tokenizer: train one",
                          description="The TATS-compatible 3D VQGAN tokenizer.").add_subparsers(
@@ -183,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("synth-codes", help="write procedural code grids as a sharded dataset (no tokenizer)",
+                        description="A moving square over a background, as code grids in mebt preprocess's layout "
+                                    "(shards + manifest): training data for smoke runs and tests. Resumable.")
+    p.add_argument("out", help="output dataset folder")
+    p.add_argument("--num-samples", type=int, default=4096)
+    p.add_argument("--grid", type=int, nargs=3, default=[4, 8, 8], metavar=("T", "H", "W"))
+    p.add_argument("--vocab-size", type=int, default=8)
+    p.add_argument("--sizes", type=int, nargs="+", default=[2, 3], help="side lengths of the square")
+    p.add_argument("--shard-size", type=int, default=512, help="clips per shard")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth_codes)
     p = data.add_parser("verify", help="check every shard against the manifest; non-zero exit names bad shards",
                         description="Read every shard of a preprocessed dataset and check it against the manifest "
                                     "(presence, sha256, sample counts and order, dtype, shapes, code range, json). "

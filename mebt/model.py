@@ -106,9 +106,11 @@ class Attention(nn.Module):
         if cache is not None:  # autoregressive decoding: append this step's keys/values, attend to all so far
             k, v = cache.update(k, v)
         if k.shape[2] == 0:
-            # No observed tokens yet (first sampling step): an empty attention sum is zero, as in the
-            # official einsum implementation; SDPA would return NaN here.
-            y = torch.zeros_like(q)
+            # No observed tokens (first sampling step, or a fully masked training sample): an empty attention
+            # sum is zero, as in the official einsum implementation; SDPA would return NaN here. Written as
+            # q*0 + (k, v sums)*0 so every projection still gets a (zero) gradient: ZeRO reduces gradient
+            # buckets by layout, and a rank whose q/k/v had none would mismatch the other ranks.
+            y = q * 0.0 + (k.sum() + v.sum()) * 0.0
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -193,13 +195,16 @@ class MeBT(nn.Module):
         return self.ln_f(tgt)
 
     def forward(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rows: Optional[torch.Tensor] = None, features_only: bool = False) -> torch.Tensor:
         """Logits [B, N_tgt, vocab] for the targets, or [B, K, vocab] for target rows ``rows`` [B, K] only.
 
         Every unmasked position is still a target (the latents read the targets in ``lt2l``), but a sampler
         that commits a few positions needs only their logits; the head is the largest single matmul.
+        ``features_only`` returns ``features()`` through this call, so that wrappers which act on module
+        calls (ZeRO-3 gathers a module's parameters when it is called) see the embeddings being used.
         """
-        return self.head(select_rows(self.features(codes, ctx_idx, tgt_idx), rows))
+        features = self.features(codes, ctx_idx, tgt_idx)
+        return features if features_only else self.head(select_rows(features, rows))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

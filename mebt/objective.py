@@ -96,8 +96,9 @@ def _loss_terms(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
         return ce, hits[:, 0].sum(), hits.any(-1).sum()
 
 
-def _chunk_terms(features, weight, labels, label_smoothing):
-    return _loss_terms(F.linear(features, weight), labels, label_smoothing)
+def _chunk_terms(features, head, labels, label_smoothing):
+    # The head is called as a module (not F.linear on its weight): ZeRO-3 gathers its weight on the call.
+    return _loss_terms(head(features), labels, label_smoothing)
 
 
 def masked_loss(logits: torch.Tensor, codes: torch.Tensor, tgt_idx: torch.Tensor,
@@ -121,7 +122,7 @@ def chunked_masked_loss(features: torch.Tensor, head: nn.Linear, codes: torch.Te
     ce = hit1 = hit5 = 0
     for start in range(0, rows.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
-        terms = checkpoint(_chunk_terms, rows[part], head.weight, labels[part], label_smoothing, use_reentrant=False)
+        terms = checkpoint(_chunk_terms, rows[part], head, labels[part], label_smoothing, use_reentrant=False)
         ce, hit1, hit5 = ce + terms[0], hit1 + terms[1], hit5 + terms[2]
     n = labels.numel()
     return ce / n, {"acc1": int(hit1) / n, "acc5": int(hit5) / n}

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from mebt.config import ConfigError, check_at_least, flatten, to_dict
-from mebt.train import pick_device
+from mebt.distributed import pick_device
 from mebt.vqgan import VQGAN, VQGANConfig
 from data_pipeline.video import ClipConfig, VideoClipDataset
 from mebt.checkpoint import atomic_save

@@ -113,3 +113,17 @@ def test_dropout_active_only_in_training():
     assert not torch.allclose(model(codes, ctx, tgt), model(codes, ctx, tgt))
     model.eval()
     assert torch.equal(model(codes, ctx, tgt), model(codes, ctx, tgt))
+
+
+def test_fully_masked_sample_still_gives_every_parameter_a_gradient():
+    # ZeRO reduces gradient buckets by layout: a rank whose step had no context tokens must still produce a
+    # (zero) gradient for every projection, or its buckets mismatch the other ranks' and the collective fails.
+    torch.manual_seed(0)
+    model = MeBT(tiny_config())
+    n = model.cfg.block_size
+    codes = torch.randint(0, model.cfg.vocab_size, (2, n))
+    ctx, tgt = torch.empty(2, 0, dtype=torch.long), torch.arange(n).expand(2, n)
+    model(codes, ctx, tgt).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

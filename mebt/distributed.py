@@ -1,0 +1,128 @@
+"""Process-group set-up that runs unchanged with no launcher, under torchrun, the deepspeed launcher or srun.
+
+The rendezvous environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) is taken from, in order:
+
+1. the variables themselves (torchrun and the deepspeed launcher set them);
+2. SLURM task variables inside a job step (srun, submitit): ranks from SLURM_PROCID / SLURM_NTASKS /
+   SLURM_LOCALID, the master is the first host of SLURM_JOB_NODELIST, and the port is derived from the
+   job id so every task of a step computes the same one without talking;
+3. nothing: one process, loopback, a free port.
+
+DeepSpeed's ``init_distributed`` needs those variables (without them it goes looking for mpi4py), and on
+CPU it compiles a shared-memory op with g++ on every cold start (40-60 s); gloo does not need that op,
+so it is skipped.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+from mebt.config import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str          # env | slurm | single
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_master(nodelist: str) -> str:
+    """The first hostname of a SLURM node list (``n[1-2]`` -> ``n1``), expanded by scontrol as SLURM does."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UserError(f"cannot expand SLURM_JOB_NODELIST '{nodelist}' with scontrol ({e}); set MASTER_ADDR") from None
+    return out[0]
+
+
+def slurm_port(job_id: str) -> int:
+    # Tasks of one step agree on the port without communicating; distinct jobs sharing a node rarely collide.
+    return 15000 + int(job_id) % 20000
+
+
+def resolve_env(environ=os.environ) -> DistEnv:
+    """Work out the rendezvous settings and write them into ``environ`` (what torch and DeepSpeed read)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env = DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
+                      environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", 29500)), "env")
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
+        job = environ.get("SLURM_JOB_ID", "0")
+        env = DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0)),
+                      environ.get("MASTER_ADDR") or slurm_master(environ["SLURM_JOB_NODELIST"]),
+                      int(environ.get("MASTER_PORT") or slurm_port(job)), "slurm")
+    else:
+        env = DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+    environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                   MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    return env
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"config key 'train.device' is {name!r} but no CUDA device is available (use cpu or auto)")
+        return torch.device("cuda", local_rank if name == "cuda" else int(name.split(":")[1]))
+    return torch.device("cpu")
+
+
+def init_process_group(device: torch.device) -> None:
+    """``deepspeed.init_distributed`` with nccl on GPUs and gloo on CPU, without the CPU op build."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # imported here: it is slow to import and prints at import time
+    from deepspeed import comm
+
+    if device.type == "cpu":
+        # gloo does its own shared memory; deepspeed.comm would otherwise g++-compile shm_comm on each start.
+        # By module name: the attribute deepspeed.comm.torch is the torch package, not this module.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    else:
+        torch.cuda.set_device(device)
+    if not comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+
+
+def all_gather_object(obj) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on some rank (a stop request seen by one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,249 @@
+"""DeepSpeed training of MeBT from streamed shards: `mebt train`.
+
+One code path for one process with no launcher, torchrun, the deepspeed launcher and srun (see
+``distributed``). ``train`` reads top to bottom: check everything that can be wrong (config, dataset,
+batch sizes) -> process group -> model and engine -> resume -> loop -> final checkpoint. What a restart
+needs (step, every rank's loader position and RNG states, the MLflow run id) lives in ``TrainState`` and
+the DeepSpeed checkpoint's client state; a run directory that has a checkpoint resumes from it.
+
+SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption) asks for a stop: the ranks agree
+on it at the next step boundary, checkpoint, and ``train`` returns ``preempted``; the CLI then exits with
+``REQUEUE_EXIT_CODE`` so a launcher knows to requeue rather than fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from data_pipeline.loader import make_loader
+from mebt import train_checkpoint
+from mebt.config import flatten, to_dict
+from mebt.distributed import all_gather_object, any_rank, init_process_group, pick_device, resolve_env
+from mebt.flops import mebt_train_flops, mfu, peak_flops_per_s
+from mebt.model import MeBT
+from mebt.objective import chunked_masked_loss, param_groups, sample_masks
+from mebt.train_config import RunConfig, deepspeed_config, lr_factor
+from mebt.tracking import Tracker
+from mebt.train_samples import SampleWriter
+
+REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
+
+
+class MeBTLoss(nn.Module):
+    """The model plus its loss, as the one module DeepSpeed wraps (ZeRO-3 gathers parameters on module calls)."""
+
+    def __init__(self, model: MeBT, label_smoothing: float):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, codes, ctx_idx, tgt_idx):
+        features = self.model(codes, ctx_idx, tgt_idx, features_only=True)
+        loss, metrics = chunked_masked_loss(features, self.model.head, codes, tgt_idx, self.label_smoothing)
+        return loss, metrics
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    masks: torch.Generator = field(default_factory=torch.Generator)   # this rank's mask draws
+    mlflow_run_id: str | None = None
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary instead of mid-step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _stream(loader):
+    while True:   # the loader runs the rest of its current epoch per iteration and then moves to the next
+        yield from loader
+
+
+def _peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+class _Records:
+    """Rank-local JSONL files that a resumed run trims back to its checkpoint (nothing counted twice)."""
+
+    def __init__(self, path: Path, step: int, enabled: bool):
+        self.path = path if enabled else None
+        if self.path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: RunConfig) -> dict:
+    tc = cfg.train
+    # 1. Everything that can be wrong is checked before a process group or a file exists.
+    env = resolve_env()
+    device = pick_device(tc.device, env.local_rank)
+    ds_config = deepspeed_config(cfg, env.world_size, device.type)
+    loader = make_loader(cfg.data, env.rank, env.world_size, expect_grid=tuple(cfg.model.latent_shape),
+                         expect_vocab=cfg.model.vocab_size)
+    samples = SampleWriter(cfg, device, active=env.rank == 0)   # checks the tokenizer against the model
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        # Filling every torch.empty with NaN is a debugging aid, not determinism; DeepSpeed allocates
+        # reduce buckets of hundreds of MB per step, which it would rewrite every time (5x slower here).
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        torch.backends.cudnn.benchmark = False
+
+    # 2. Process group, model, engine.
+    init_process_group(device)
+    import deepspeed
+
+    torch.manual_seed(tc.seed)   # the same initial weights on every rank
+    model = MeBT(cfg.model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, tc.steps))
+    engine, _, _, _ = deepspeed.initialize(model=MeBTLoss(model, cfg.objective.label_smoothing).to(device),
+                                           optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                           dist_init_required=False)
+    state = TrainState()
+    state.masks.manual_seed(tc.seed * 1_000_003 + env.rank)
+    torch.manual_seed(tc.seed + 1 + env.rank)   # dropout differs per rank
+
+    # 3. Resume.
+    run_dir = Path(tc.run_dir)
+    client = train_checkpoint.load(engine, run_dir, env.rank, env.world_size)
+    if client is not None:
+        state.step, state.mlflow_run_id = client["step"], client.get("mlflow_run_id")
+        loader.load_state_dict(client["loader"])
+        train_checkpoint.set_rng_state(client["rng"], state.masks)
+    main = env.rank == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id,
+                      params=flatten(to_dict(cfg)), tags={"world_size": env.world_size, "launcher": env.source})
+    tracker.log_artifact(run_dir / "config.yaml") if main else None
+    tracker.log_artifact(run_dir / "deepspeed_config.json") if main else None
+    trace = _Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace)
+    history = _Records(run_dir / "metrics.jsonl", state.step, main)
+    if main:
+        print(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
+              f"{device.type}, ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, "
+              f"{ds_config['train_batch_size']} clips/step" + (f", resumed at step {state.step}" if client else ""))
+
+    # 4. The loop: one iteration is one optimizer step of grad_accum micro-batches.
+    accum = ds_config["gradient_accumulation_steps"]
+    tokens = cfg.model.block_size
+    peak = peak_flops_per_s(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
+                                                                                     torch.float32))
+    stop = StopRequest()
+    stream = _stream(loader)
+    bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", disable=not main)
+    window = {"loss": 0.0, "acc1": 0.0, "steps": 0, "wait": 0.0, "flops": 0.0}
+    window_start = time.perf_counter()
+    preempted = None
+    last_loss = None
+    while state.step < tc.steps:
+        losses = []
+        for _ in range(accum):
+            t = time.perf_counter()
+            batch = next(stream)
+            window["wait"] += time.perf_counter() - t
+            codes = batch["codes"].to(device, non_blocking=True)
+            masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step, state.masks)
+            loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            window["acc1"] += metrics["acc1"] / accum
+            window["flops"] += mebt_train_flops(cfg.model, masks.ctx_idx.shape[1], masks.tgt_idx.shape[1]) * len(codes)
+            trace.write({"step": state.step + 1, "loss": losses[-1], "keys": batch["key"]})
+        state.step += 1
+        last_loss = sum(losses) / accum
+        window["loss"] += last_loss
+        window["steps"] += 1
+        bar.update(1)
+
+        if state.step % tc.log_every == 0 or state.step == tc.steps:
+            seconds = time.perf_counter() - window_start
+            sums = torch.tensor([window["loss"], window["acc1"], window["flops"]], dtype=torch.float64)
+            if env.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(sums)
+            n, clips = window["steps"], window["steps"] * ds_config["train_batch_size"]
+            record = {"step": state.step, "loss": sums[0].item() / n / env.world_size,
+                      "acc1": sums[1].item() / n / env.world_size, "lr": scheduler_lr(engine),
+                      "samples_per_s": clips / seconds, "tokens_per_s": clips * tokens / seconds,
+                      "step_time_s": seconds / n, "data_wait_s": window["wait"] / n,
+                      "peak_memory_mib": _peak_memory_mib(device)}
+            achieved = mfu(sums[2].item() / seconds / env.world_size, peak)
+            if achieved is not None:
+                record["mfu"] = achieved
+            history.write(record)
+            tracker.log_metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, state.step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
+            window = dict.fromkeys(window, 0.0)
+            window["steps"] = 0
+            window_start = time.perf_counter()
+
+        if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
+            samples.write(engine.module.model, state.step, tracker)
+        requested = any_rank(stop.signal is not None, device)
+        if state.step % tc.ckpt_every == 0 or state.step == tc.steps or requested:
+            state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main)
+            train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,
+                                  {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
+        if requested:
+            preempted = stop.signal or "peer"
+            break
+    bar.close()
+    stop.restore()
+    if preempted is None:
+        samples.write(engine.module.model, state.step, tracker)
+    sent = tracker.close(status="KILLED" if preempted else "FINISHED")
+    result = {"step": state.step, "final_loss": last_loss, "run_dir": str(run_dir), "preempted": preempted,
+              "mlflow_run_id": state.mlflow_run_id or tracker.run_id, "tracking": sent,
+              "checkpoint": str(run_dir / train_checkpoint.CKPT_DIR / train_checkpoint.tag_of(state.step))}
+    if main:
+        print(json.dumps(result))
+    return result
+
+
+def scheduler_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def _run_id(tracker: Tracker, main: bool) -> str | None:
+    """The MLflow run id to store in the checkpoint (rank 0 knows it; every rank must pass the same value)."""
+    if main and tracker.run_id is None:
+        tracker.flush(timeout=2.0)   # the run is created in the background; give it a moment
+    return all_gather_object(tracker.run_id if main else None)[0]

@@ -1,0 +1,128 @@
+"""DeepSpeed checkpoints of a run directory: save on every rank, a ``latest`` pointer written last, the
+last k kept, automatic resume, and export to one fp32 model file that loads without DeepSpeed.
+
+Layout: ``RUN_DIR/checkpoints/global_stepN/`` (DeepSpeed's files, plus ``mebt.json``: the resolved config
+and step, readable without unpickling anything) and ``RUN_DIR/checkpoints/latest`` (the tag, DeepSpeed's
+own convention, so its ``zero_to_fp32`` tooling works on our directories). DeepSpeed writes its client
+state from one rank only, so every rank's loader position and RNG states are gathered into it first.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from data_pipeline.manifest import atomic_write_bytes
+from mebt.checkpoint import CheckpointError, first_line, model_from_state_dict, save_model
+from mebt.config import from_dict, to_dict
+from mebt.distributed import all_gather_object, barrier
+from mebt.model import MeBTConfig
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+META = "mebt.json"
+_TAG = re.compile(r"global_step(\d+)$")
+
+
+def tag_of(step: int) -> str:
+    return f"global_step{step}"
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "masks": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["masks"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: Path, step: int, loader, generator: torch.Generator, client: dict, cfg,
+         keep_last: int) -> Path:
+    """Checkpoint on every rank; ``latest`` moves to it only once every rank has finished writing."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    gathered = all_gather_object({"loader": loader.state_dict(), "rng": rng_state(generator)})
+    state = {**client, "step": step, "loader": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered]}
+    tag = tag_of(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    barrier()
+    if engine.global_rank == 0:
+        meta = {"step": step, "config": to_dict(cfg), "world_size": len(gathered)}
+        atomic_write_bytes(ckpt_dir / tag / META, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
+        _prune(ckpt_dir, keep_last, keep=tag)
+    barrier()
+    return ckpt_dir / tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
+    for _, path in tags[:-keep_last]:
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    pointer = Path(run_dir) / CKPT_DIR / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def load(engine, run_dir: Path, rank: int, world_size: int) -> dict | None:
+    """Restore the latest checkpoint into ``engine``; returns this rank's client state (None: fresh run)."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    if path is None:
+        raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' could not be loaded (incomplete or from another "
+                              "model); delete it or point 'latest' at an older tag")
+    saved_world = len(client["loader"])
+    if saved_world != world_size:
+        raise CheckpointError(f"run dir '{run_dir}' was checkpointed with {saved_world} processes; resume with "
+                              f"{saved_world} processes or start a new run_dir")
+    return {**client, "loader": client["loader"][rank], "rng": client["rng"][rank]}
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints dir, tag) from a run dir or its checkpoints dir (their ``latest``), or one tag directory."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path.parent, path.name
+    for ckpt_dir in (path / CKPT_DIR, path):
+        pointer = ckpt_dir / LATEST
+        if pointer.is_file() and (ckpt_dir / pointer.read_text().strip() / META).is_file():
+            return ckpt_dir, pointer.read_text().strip()
+    raise CheckpointError(f"no mebt training checkpoint at '{path}' (give a run dir, its checkpoints dir or a "
+                          "global_stepN dir written by mebt train)")
+
+
+def export(checkpoint: str | Path, out: str | Path) -> dict:
+    """Consolidate a ZeRO 0-3 checkpoint into one fp32 mebt model file (loads with ``load_model``).
+
+    DeepSpeed's checkpoint files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed's own
+    consolidation): only export checkpoints you wrote or trust. The output is weights-only loadable.
+    """
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    meta = json.loads((ckpt_dir / tag / META).read_text())
+    cfg = from_dict(MeBTConfig, meta["config"]["model"], prefix="model.")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot consolidate '{ckpt_dir / tag}': {first_line(e)}") from None
+    prefix = "model."
+    weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    model = model_from_state_dict(cfg, weights, f"checkpoint '{ckpt_dir / tag}'")
+    save_model(model, out, extra={"step": meta["step"], "source": str(ckpt_dir / tag),
+                                  "run_config": json.dumps(meta["config"])})
+    return {"out": str(out), "step": meta["step"], "params": model.num_params(), "tag": tag}

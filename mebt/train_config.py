@@ -1,0 +1,173 @@
+"""The typed configuration of a training run, and the DeepSpeed config generated from it.
+
+A run is ``RunConfig``: one section per component (YAML files in ``configs/`` merge into it, dotted CLI
+overrides are validated). The DeepSpeed JSON is never written by hand: ``deepspeed_config`` derives it
+from these sections, and ``deepspeed.extra`` may add raw DeepSpeed keys as long as they do not contradict
+a generated one (the typed key wins the argument by refusing the run, naming the key to use instead).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.loader import LoaderConfig
+from mebt.config import ConfigError, check_at_least
+from mebt.model import MeBTConfig
+from mebt.objective import ObjectiveConfig
+from mebt.sampling import SamplingConfig
+from mebt.tracking import MLflowConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01           # on Linear weights only (the paper's AdamW groups)
+    grad_clip: float = 1.0               # global norm; 0 disables (DeepSpeed's default changed across versions)
+    warmup_steps: int = 0                # linear warmup from 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0            # cosine decays to lr * min_lr_ratio at train.steps
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
+        if self.grad_clip < 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("config keys 'grad_clip' and 'warmup_steps' must be >= 0 and 'min_lr_ratio' in [0, 1]")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    offload_optimizer: bool = False      # optimizer states (and the step) in CPU memory
+    offload_param: bool = False          # parameters in CPU memory (ZeRO-3 only)
+    extra: dict = field(default_factory=dict)   # raw DeepSpeed keys merged into the generated config
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"config key 'zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_at_least(self, ("grad_accum",), 1)
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("config key 'offload_param' needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("config key 'offload_optimizer' needs zero_stage 1, 2 or 3")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                    # optimizer steps
+    global_batch_size: int | None = None  # if set, must equal data.batch_size x grad_accum x processes
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 2                   # checkpoints kept in run_dir/checkpoints
+    sample_every: int = 0                # sample (and decode, with a tokenizer) every N steps; 0: only at the end
+    num_samples: int = 4                 # videos per sampling round
+    tokenizer: str | None = None         # VQGAN checkpoint to decode samples into MP4/GIF
+    seed: int = 0
+    deterministic: bool = False          # deterministic kernels (torch.use_deterministic_algorithms)
+    device: str = "auto"                 # auto | cpu | cuda
+    run_dir: str = "runs/mebt"
+    trace: bool = False                  # write every step's loss and sample keys per rank (run_dir/trace)
+
+    def __post_init__(self):
+        check_at_least(self, ("steps", "log_every", "ckpt_every", "keep_last", "num_samples"), 1)
+        if self.sample_every < 0:
+            raise ConfigError(f"config key 'sample_every' must be >= 0, got {self.sample_every}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"config key 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    data: LoaderConfig | None = None     # required: the dataset directory and the micro-batch per process
+    model: MeBTConfig = field(default_factory=MeBTConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        if self.data is None:
+            raise ConfigError("config key 'data.data_dir' is not set; point it at a directory made by mebt "
+                              "preprocess or mebt data synth-codes")
+
+
+def grad_accum(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches per step: from train.global_batch_size when set (checked to divide), else the config's."""
+    per_step = cfg.data.batch_size * world_size
+    wanted = cfg.train.global_batch_size
+    if wanted is None:
+        return cfg.deepspeed.grad_accum
+    if wanted % per_step:
+        raise ConfigError(f"train.global_batch_size {wanted} is not a multiple of data.batch_size x processes "
+                          f"({cfg.data.batch_size} x {world_size} = {per_step}); change one of them")
+    if cfg.deepspeed.grad_accum not in (1, wanted // per_step):
+        raise ConfigError(f"deepspeed.grad_accum {cfg.deepspeed.grad_accum} contradicts train.global_batch_size "
+                          f"{wanted} (= {cfg.data.batch_size} x {world_size} x {wanted // per_step}); set only one")
+    return wanted // per_step
+
+
+def lr_factor(cfg: OptimConfig, steps: int):
+    """step -> multiplier of the base lr: linear warmup, then constant or cosine down to min_lr_ratio."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _merge(base: dict, extra: dict, path: str = "") -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if key in base and isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{path}{key}.")
+        elif key in base and base[key] != value:
+            raise ConfigError(f"deepspeed.extra key '{path}{key}' ({value!r}) conflicts with the generated value "
+                              f"{base[key]!r}; set it through {GENERATED_FROM.get(path + key, 'the typed config')}")
+        else:
+            out[key] = value
+    return out
+
+
+GENERATED_FROM = {
+    "train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "deepspeed.grad_accum",
+    "train_batch_size": "train.global_batch_size", "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage", "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+}
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, device_type: str) -> dict:
+    """The DeepSpeed JSON config for this run on ``world_size`` processes (raises one-line ConfigErrors)."""
+    ds = cfg.deepspeed
+    if ds.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("deepspeed.precision fp16 needs CUDA devices; use bf16 or fp32 on CPU")
+    accum = grad_accum(cfg, world_size)
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    generated = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.data.batch_size * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # A torch AdamW is passed in: DeepSpeed's fused/CPU Adam JIT-compile for minutes on first use.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2 ** 31 - 1,    # the trainer logs; DeepSpeed's own prints would repeat it
+        "wall_clock_breakdown": False,
+    }
+    return _merge(generated, ds.extra)

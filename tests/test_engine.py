@@ -1,0 +1,180 @@
+"""`mebt train` with real DeepSpeed engines: 2 processes over gloo, exact resume after kill -9 and SIGTERM,
+export, and one-line errors before anything is created."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
+from data_pipeline.synthetic_codes import SyntheticCodesConfig
+from mebt.checkpoint import load_model
+from mebt.distributed import free_port
+from mebt.engine import REQUEUE_EXIT_CODE
+
+GRID = (2, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def codes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("codes")
+    write_code_dataset(out, CodeDatasetConfig(codes=SyntheticCodesConfig(num_samples=300, sizes=(1, 2)), grid=GRID,
+                                              vocab_size=8, shard_size=64), progress=False)
+    return out
+
+
+def overrides(codes_dir, run_dir, **extra) -> list[str]:
+    base = {"data.data_dir": codes_dir, "data.batch_size": 4, "train.run_dir": run_dir, "train.steps": 60,
+            "train.ckpt_every": 5, "train.log_every": 5, "train.trace": "true", "train.deterministic": "true",
+            "train.num_samples": 2, "mlflow.enabled": "false", "model.latent_shape": f"[{','.join(map(str, GRID))}]",
+            "model.vocab_size": 8, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "model.n_latent": 8,
+            "model.numerics": "preln", "sampling.steps": 4, "optim.lr": 0.003}
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+
+
+def command(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "mebt.cli", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+            "-m", "mebt.cli", "train", *args]
+
+
+def run(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(nproc, args), capture_output=True, text=True, timeout=timeout)
+
+
+def trace(run_dir: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "trace" / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def latest(run_dir: Path) -> str | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    return pointer.read_text() if pointer.exists() else None
+
+
+def start_and_interrupt(nproc: int, args: list[str], run_dir: Path, how: int) -> subprocess.Popen:
+    """Start training, wait for its first checkpoint, then send ``how`` to the whole process group."""
+    proc = subprocess.Popen(command(nproc, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while latest(run_dir) is None:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, how)
+    proc.wait(timeout=120)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(codes_dir, tmp_path_factory):
+    """Reference runs per ZeRO stage, 2 processes, never interrupted."""
+    runs = {}
+    for stage in (2, 3):
+        run_dir = tmp_path_factory.mktemp(f"ref{stage}")
+        done = run(2, overrides(codes_dir, run_dir, **{"deepspeed.zero_stage": stage}))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[stage] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_kill9_then_restart_repeats_the_uninterrupted_run(codes_dir, uninterrupted, tmp_path, stage):
+    run_dir = tmp_path / "run"
+    args = overrides(codes_dir, run_dir, **{"deepspeed.zero_stage": stage})
+    proc = start_and_interrupt(2, args, run_dir, signal.SIGKILL)
+    assert proc.returncode != 0
+    killed_at = max(r["step"] for r in trace(run_dir, 0))
+    assert killed_at < 60, "the run finished before it was killed; nothing was resumed"
+    done = run(2, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step" in done.stdout + done.stderr
+    for rank in (0, 1):
+        got, want = trace(run_dir, rank), trace(uninterrupted[stage], rank)
+        # Every step once (the steps after the checkpoint were trimmed and redone), the same clips in the
+        # same order, and bit-equal losses (deterministic mode).
+        assert [r["step"] for r in got] == list(range(1, 61))
+        assert [r["keys"] for r in got] == [r["keys"] for r in want]
+        assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes(codes_dir, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(codes_dir, run_dir, **{"deepspeed.zero_stage": 2, "train.ckpt_every": 1000})
+    # Two processes started the way srun starts tasks (rendezvous variables, no torchrun in between, so
+    # their own exit codes are seen; one thread each, as torchrun sets, so the arithmetic matches the
+    # reference run), and signalled the way SLURM signals them: every task. With
+    # ckpt_every past the end, the only checkpoint before the end is the one SIGTERM asks for.
+    port = free_port()
+    procs = [subprocess.Popen(command(1, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    deadline = time.monotonic() + 240
+    while not (run_dir / "trace" / "rank0.jsonl").exists() or not trace(run_dir, 0):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, procs[0].stdout.read()[-3000:]
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [REQUEUE_EXIT_CODE] * 2, outputs[0][-3000:]
+    stopped = int(latest(run_dir).removeprefix("global_step"))
+    assert 1 <= stopped < 60 and max(r["step"] for r in trace(run_dir, 0)) == stopped
+    done = run(2, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        got, want = trace(run_dir, rank), trace(uninterrupted[2], rank)
+        assert [r["keys"] for r in got] == [r["keys"] for r in want]
+        assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_gives_a_model_that_loads_without_deepspeed(uninterrupted, tmp_path, stage):
+    out = tmp_path / "model.pt"
+    done = subprocess.run([sys.executable, "-m", "mebt.cli", "export", str(uninterrupted[stage]), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_model(out)
+    assert model.cfg.latent_shape == GRID and all(p.dtype == torch.float32 for p in model.parameters())
+    # The exported weights are the trained ones, not the initialisation: they differ from a fresh model's.
+    torch.manual_seed(0)
+    fresh = type(model)(model.cfg)
+    assert not torch.equal(fresh.head.weight, model.head.weight)
+    payload = torch.load(out, weights_only=True)
+    assert payload["step"] == 60
+
+
+def test_single_process_without_launcher_logs_metrics_and_samples(codes_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run(1, overrides(codes_dir, run_dir, **{"train.steps": 10, "train.sample_every": 5}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10]
+    for key in ("loss", "acc1", "lr", "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_s",
+                "peak_memory_mib"):
+        assert all(r[key] >= 0 for r in records), key
+    assert records[0]["lr"] > 0 and records[1]["tokens_per_s"] == pytest.approx(
+        records[1]["samples_per_s"] * 32, rel=1e-6)
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_00000005.npy", "step_00000010.npy"]
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"model.latent_shape": "[2,8,8]"}, "grid"),
+    ({"model.vocab_size": 4}, "codebook"),
+    ({"data.data_dir": "/nonexistent/codes"}, "does not exist"),
+    ({"model.n_layr": 3}, "unknown config key 'model.n_layr'"),
+    ({"train.global_batch_size": 6}, "not a multiple"),
+    ({"deepspeed.zero_stage": 4}, "zero_stage"),
+    ({"deepspeed.extra": "{gradient_clipping: 5.0}"}, "conflicts"),
+])
+def test_bad_input_is_one_line_before_anything_is_created(codes_dir, tmp_path, extra, message):
+    run_dir = tmp_path / "run"
+    done = run(1, overrides(codes_dir, run_dir, **extra), timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("mebt: error: ") and message in lines[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not run_dir.exists()

@@ -1,0 +1,216 @@
+"""mebt.tracking against a real MLflow server (no mocks): logging, resume, a dying server, the default store."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mebt.config import ConfigError
+from mebt.tracking import MLflowConfig, Tracker, TrackingWarning
+from mebt.distributed import free_port
+from tests.mlflow_fixtures import start_mlflow_server
+
+FAST = dict(flush_every_s=0.2)
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _messages(records):
+    return [str(r.message) for r in records if issubclass(r.category, TrackingWarning)]
+
+
+def _tracker_threads():
+    return [t for t in threading.enumerate() if t.name == "mebt-mlflow"]
+
+
+def test_config_rejects_bad_values():
+    for kwargs, key in [({"flush_every_s": 0}, "flush_every_s"), ({"max_buffered": 0}, "max_buffered"),
+                        ({"experiment": " "}, "experiment")]:
+        with pytest.raises(ConfigError, match=key) as e:
+            MLflowConfig(**kwargs)
+        assert "\n" not in str(e.value)
+
+
+def test_params_metrics_and_artifacts_reach_the_server(mlflow_server, tmp_path):
+    cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", run_name="r1", **FAST)
+    params = {"model.n_layer": 4, "lr": 3e-4, "long": "x" * 10_000}
+    params.update({f"p{i}": i for i in range(150)})  # more than one log_batch of params
+    note = tmp_path / "note.txt"
+    note.write_text("original")
+    tracker = Tracker(cfg, tmp_path / "run", active=True, params=params, tags={"kind": "test"})
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 1e-4 * step}, step=step)
+    tracker.log_dict({"model": {"n_layer": 4}}, "config/resolved.yaml")
+    tracker.log_artifact(note)
+    note.write_text("changed after logging")  # the tracker must have copied it at call time
+    assert tracker.flush(timeout=60)
+    assert tracker.run_id is not None
+    result = tracker.close()
+    assert result == {"sent": 10, "dropped": 0, "pending": 0}
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    assert run.data.params["model.n_layer"] == "4" and run.data.params["p149"] == "149"
+    assert 0 < len(run.data.params["long"]) < 10_000  # truncated to mlflow's limit, not rejected
+    assert run.data.tags["kind"] == "test"
+    assert _history(client, tracker.run_id, "loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert [s for s, _ in _history(client, tracker.run_id, "lr")] == list(range(5))
+    assert {a.path for a in client.list_artifacts(tracker.run_id)} == {"config", "note.txt"}
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "config")] == ["config/resolved.yaml"]
+    local = client.download_artifacts(tracker.run_id, "note.txt", str(tmp_path / "dl"))
+    assert open(local).read() == "original"
+
+
+def test_resume_continues_the_same_run(mlflow_server, tmp_path):
+    cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", **FAST)
+    first = Tracker(cfg, tmp_path, active=True, params={"lr": 1})
+    first.log_metrics({"loss": 3.0}, step=0)
+    first.log_metrics({"loss": 2.0}, step=1)
+    assert first.close()["sent"] == 2
+
+    second = Tracker(cfg, tmp_path, active=True, run_id=first.run_id, params={"lr": 1, "resumed_from": 1})
+    second.log_metrics({"loss": 1.0}, step=2)
+    assert second.flush(timeout=60)
+    client = MlflowClient(mlflow_server.uri)
+    assert second.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    second.close()
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "1", "resumed_from": "1"}
+    assert _history(client, first.run_id, "loss") == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    exp = client.get_experiment_by_name(cfg.experiment)
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_resume_of_unknown_run_starts_a_new_one(mlflow_server, tmp_path):
+    cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", **FAST)
+    with pytest.warns(TrackingWarning, match="does not exist"):
+        tracker = Tracker(cfg, tmp_path, active=True, run_id="0" * 32)
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        assert tracker.flush(timeout=60)
+    assert tracker.run_id not in (None, "0" * 32)
+    tracker.close()
+    assert _history(MlflowClient(mlflow_server.uri), tracker.run_id, "loss") == [(0, 1.0)]
+
+
+def test_server_killed_mid_run(tmp_path):
+    server = start_mlflow_server(tmp_path / "server")
+    try:
+        cfg = MLflowConfig(tracking_uri=server.uri, experiment="killed", **FAST)
+        tracker = Tracker(cfg, tmp_path / "run", active=True)
+        for step in range(3):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert tracker.flush(timeout=60)
+        run_id = tracker.run_id
+        server.kill()
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            for step in range(3, 8):
+                tracker.log_metrics({"loss": float(step)}, step=step)
+                time.sleep(0.1)
+            assert not tracker.flush(timeout=1)
+            results = []  # close() in a helper thread so that a hang fails the test instead of stalling it
+            closer = threading.Thread(target=lambda: results.append(tracker.close(timeout=3)), daemon=True)
+            closer.start()
+            closer.join(60)
+            assert results, "close() did not return within 60 s"
+            result = results[0]
+        assert result["sent"] == 3 and result["pending"] == 5 and result["dropped"] == 0
+        messages = _messages(records)
+        assert any("training continues" in m for m in messages)
+        assert any("5 not sent" in m for m in messages)
+    finally:
+        server.stop()
+    # What was sent before the crash is in the server's sqlite db.
+    client = MlflowClient(server.db_uri)
+    assert _history(client, run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+def test_unreachable_from_the_start(tmp_path):
+    cfg = MLflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", **FAST)
+    with pytest.warns(TrackingWarning) as records:
+        tracker = Tracker(cfg, tmp_path, active=True, params={"a": 1})
+        for step in range(4):
+            tracker.log_metrics({"loss": 1.0, "acc": 0.5}, step=step)
+        tracker.log_dict({"a": 1}, "config.json")
+        assert not tracker.flush(timeout=0.5)
+        result = tracker.close(timeout=2)
+    assert tracker.run_id is None
+    assert result == {"sent": 0, "dropped": 0, "pending": 8}
+    assert any("8 not sent" in m and "1 artifacts" in m for m in _messages(records))
+
+
+def test_max_buffered_drops_the_oldest(tmp_path):
+    cfg = MLflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", max_buffered=10, **FAST)
+    with pytest.warns(TrackingWarning) as records:
+        tracker = Tracker(cfg, tmp_path, active=True)
+        for step in range(25):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert [p[4] for p in tracker._points] == list(range(15, 25))  # the newest are kept
+        result = tracker.close(timeout=1)
+    assert result == {"sent": 0, "dropped": 15, "pending": 10}
+    assert any("15 metric points dropped and 10 not sent" in m for m in _messages(records))
+
+
+def test_default_store_lives_in_the_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd, run_dir = tmp_path / "cwd", tmp_path / "run"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tracker = Tracker(MLflowConfig(**FAST), run_dir, active=True)
+    tracker.log_metrics({"loss": 0.5}, step=7)
+    tracker.log_dict({"a": 1}, "config.json")
+    assert tracker.flush(timeout=120)
+    assert tracker.close()["sent"] == 1
+    assert (run_dir / "mlflow.db").is_file()
+    assert [p.name for p in (run_dir / "mlartifacts").rglob("config.json")] == ["config.json"]
+    assert list(cwd.iterdir()) == []
+    assert _history(MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}"), tracker.run_id, "loss") == [(7, 0.5)]
+
+
+def test_inactive_tracker_does_nothing(tmp_path):
+    before = len(_tracker_threads())
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    for tracker in (Tracker(MLflowConfig(**FAST), tmp_path / "run", active=False),
+                    Tracker(MLflowConfig(enabled=False), tmp_path / "run", active=True)):
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.log_artifact(note)
+        tracker.log_dict({"a": 1}, "c.yaml")
+        assert tracker.flush() is True
+        assert tracker.close() == {"sent": 0, "dropped": 0, "pending": 0}
+        assert tracker.run_id is None
+    assert len(_tracker_threads()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt"]
+    # ... and it does not even import mlflow (ranks > 0 must not pay for it).
+    code = ("import sys; from mebt.tracking import MLflowConfig, Tracker; "
+            "t = Tracker(MLflowConfig(), 'unused', active=False); t.log_metrics({'a': 1}, 0); t.close(); "
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_system_metrics_are_logged(mlflow_server, tmp_path, monkeypatch):
+    pytest.importorskip("psutil")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", system_metrics=True, **FAST)
+    tracker = Tracker(cfg, tmp_path, active=True)
+    assert tracker.flush(timeout=60)
+    client, deadline, keys = MlflowClient(mlflow_server.uri), time.monotonic() + 60, []
+    while not keys and time.monotonic() < deadline:
+        keys = [k for k in client.get_run(tracker.run_id).data.metrics if k.startswith("system/")]
+        time.sleep(0.2)
+    tracker.close()
+    assert "system/cpu_utilization_percentage" in keys
