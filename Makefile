@@ -7,11 +7,12 @@ PIP := $(PYTHON) -m pip
 # Installs only what is missing: torch first (CPU build from local disk on CPU machines), then the package.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, pathlib, sys; \
+	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, pathlib, sys; \
 		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 
 demo: install
+	$(PYTHON) -m mebt.cli data synth-codes runs/tiny-codes --grid 4 8 8 --vocab-size 8 --sizes 4 5
 	$(PYTHON) -m mebt.cli train --config configs/tiny.yaml
 
 test: install

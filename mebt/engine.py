@@ -31,7 +31,7 @@ from mebt.config import flatten, to_dict
 from mebt.distributed import all_gather_object, any_rank, init_process_group, pick_device, resolve_env
 from mebt.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.model import MeBT
-from mebt.objective import chunked_masked_loss, param_groups, sample_masks
+from mebt.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
 from mebt.train_config import RunConfig, deepspeed_config, lr_factor
 from mebt.tracking import Tracker
 from mebt.train_samples import SampleWriter
@@ -42,14 +42,14 @@ REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
 class MeBTLoss(nn.Module):
     """The model plus its loss, as the one module DeepSpeed wraps (ZeRO-3 gathers parameters on module calls)."""
 
-    def __init__(self, model: MeBT, label_smoothing: float):
+    def __init__(self, model: MeBT, objective: ObjectiveConfig):
         super().__init__()
-        self.model, self.label_smoothing = model, label_smoothing
+        self.model, self.objective = model, objective
 
     def forward(self, codes, ctx_idx, tgt_idx):
         features = self.model(codes, ctx_idx, tgt_idx, features_only=True)
-        loss, metrics = chunked_masked_loss(features, self.model.head, codes, tgt_idx, self.label_smoothing)
-        return loss, metrics
+        return chunked_masked_loss(features, self.model.head, codes, tgt_idx, self.objective.label_smoothing,
+                                   self.objective.loss_chunk_rows)
 
 
 @dataclass
@@ -129,7 +129,7 @@ def train(cfg: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, tc.steps))
-    engine, _, _, _ = deepspeed.initialize(model=MeBTLoss(model, cfg.objective.label_smoothing).to(device),
+    engine, _, _, _ = deepspeed.initialize(model=MeBTLoss(model, cfg.objective).to(device),
                                            optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            dist_init_required=False)
     state = TrainState()
@@ -173,12 +173,14 @@ def train(cfg: RunConfig) -> dict:
     last_loss = None
     while state.step < tc.steps:
         losses = []
-        for _ in range(accum):
+        for micro in range(accum):
             t = time.perf_counter()
             batch = next(stream)
             window["wait"] += time.perf_counter() - t
             codes = batch["codes"].to(device, non_blocking=True)
-            masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step, state.masks)
+            # Clip length and mask ratio from (seed, step, micro-batch): the same on every rank, nothing to save.
+            shared = torch.Generator().manual_seed(hash((tc.seed, state.step, micro)) & (2 ** 63 - 1))
+            masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step, state.masks, shared)
             loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device))
             engine.backward(loss)
             engine.step()
@@ -221,7 +223,7 @@ def train(cfg: RunConfig) -> dict:
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or requested:
             state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main)
             train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,
-                                  {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
+                                  {"mlflow_run_id": state.mlflow_run_id, "config": to_dict(cfg)}, cfg, tc.keep_last)
         if requested:
             preempted = stop.signal or "peer"
             break

@@ -36,6 +36,7 @@ class ObjectiveConfig:
     target_budget: Optional[int] = None   # cap on predicted positions per sample; None = all masked
     t_prior: Literal["longest", "uniform", "gaussian2", "gaussian100000_2"] = "longest"
     label_smoothing: float = 0.0
+    loss_chunk_rows: int = 4096           # target rows per head + cross-entropy chunk (memory, not maths)
 
     def __post_init__(self):
         lo, hi = self.t_range
@@ -43,6 +44,8 @@ class ObjectiveConfig:
             raise ConfigError(f"config key 't_range' must satisfy 0 <= low <= high <= 1, got {list(self.t_range)}")
         if self.target_budget is not None and self.target_budget < 1:
             raise ConfigError(f"config key 'target_budget' must be >= 1 or null, got {self.target_budget}")
+        if self.loss_chunk_rows < 1:
+            raise ConfigError(f"config key 'loss_chunk_rows' must be >= 1, got {self.loss_chunk_rows}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
 
@@ -69,16 +72,23 @@ def clip_length_probs(prior: str, n_frames: int, step: int) -> torch.Tensor:
 
 
 def sample_masks(cfg: ObjectiveConfig, batch_size: int, latent_shape, step: int = 0,
-                 generator: Optional[torch.Generator] = None) -> MaskedBatch:
-    """Context and target positions for one batch (CPU tensors; equal counts for every sample)."""
+                 generator: Optional[torch.Generator] = None,
+                 shared: Optional[torch.Generator] = None) -> MaskedBatch:
+    """Context and target positions for one batch (CPU tensors; equal counts for every sample).
+
+    The clip length and mask ratio come from ``shared`` when given (else from ``generator``): a trainer
+    seeds it the same on every rank, so all ranks do the same amount of work per step and make the same
+    module calls (ZeRO-3 gathers parameters call by call); which positions are masked differs per rank.
+    """
+    shared = shared if shared is not None else generator
     n_frames, h, w = latent_shape
     frame = h * w
     probs = clip_length_probs(cfg.t_prior, n_frames, step)
-    clip = int(torch.multinomial(probs, 1, generator=generator)) + 1
+    clip = int(torch.multinomial(probs, 1, generator=shared)) + 1
     offset = torch.randint(0, n_frames - clip + 1, (batch_size, 1), generator=generator)
     n = clip * frame
     lo, hi = cfg.t_range
-    t = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+    t = lo + (hi - lo) * float(torch.rand((), generator=shared, dtype=torch.float64))
     ratio = MASK_SCHEDULES[cfg.mask_schedule](t)
     n_masked = min(max(math.ceil(ratio * n), 1), n)   # at least one target so the loss is defined
     n_tgt = n_masked if cfg.target_budget is None else min(cfg.target_budget, n_masked)

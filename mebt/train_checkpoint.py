@@ -117,8 +117,12 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if any((ckpt_dir / tag).glob("*optim_states.pt")):   # ZeRO 1-3: fp32 master weights, partitioned
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        else:   # ZeRO 0 keeps whole module weights (in the training precision) in the model states file
+            state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"cannot consolidate '{ckpt_dir / tag}': {first_line(e)}") from None
     prefix = "model."
     weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}

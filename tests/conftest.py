@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
+from data_pipeline.synthetic_codes import SyntheticCodesConfig
 from mebt.model import MeBT, MeBTConfig
 
 # A session-wide MLflow server (started on first use) and a factory for private ones.
@@ -17,3 +19,15 @@ def tiny_config(**overrides) -> MeBTConfig:
 def tiny_model():
     torch.manual_seed(0)
     return MeBT(tiny_config()).eval()
+
+
+CODES_GRID = (2, 4, 4)
+
+
+@pytest.fixture(scope="session")
+def codes_dir(tmp_path_factory):
+    """A small sharded dataset of procedural code grids (read-only for the tests that train on it)."""
+    out = tmp_path_factory.mktemp("codes")
+    write_code_dataset(out, CodeDatasetConfig(codes=SyntheticCodesConfig(num_samples=300, sizes=(1, 2)),
+                                              grid=CODES_GRID, vocab_size=8, shard_size=64), progress=False)
+    return out

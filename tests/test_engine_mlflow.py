@@ -7,7 +7,7 @@ import time
 from mlflow.tracking import MlflowClient
 
 from tests.mlflow_fixtures import start_mlflow_server
-from tests.test_engine import codes_dir, command, overrides  # noqa: F401  (codes_dir is a fixture)
+from tests.test_engine import command, overrides
 
 
 def tracked(codes_dir, run_dir, uri, experiment, **extra) -> list[str]:
