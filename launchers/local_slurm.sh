@@ -117,7 +117,7 @@ start_munge() {
     install -d -o munge -g munge -m 0755 "$DIR/munge"
     local log="$DIR/munge/munged.log"
     rm -f "$DIR/run/munged.ours"
-    runuser -u munge -- /usr/sbin/munged --pid-file="$(munged_pidfile)" --log-file="$log" \
+    runuser -u munge -- /usr/sbin/munged --pid-file="$(munged_pidfile)" --log-file="$log" 9>&- \
         </dev/null >>"$DIR/log/munged.stderr" 2>&1 \
         || { tail_log "$DIR/log/munged.stderr"; tail_log "$log"; die "munged failed to start (see $log)"; }
     local i
@@ -231,7 +231,7 @@ healthy() { daemons_up && munge_ok && nodes_ok; }
 
 start_ctld() {
     say "starting slurmctld"
-    slurmctld -f "$CONF" </dev/null >>"$DIR/log/slurmctld.stderr" 2>&1 \
+    slurmctld -f "$CONF" </dev/null 9>&- >>"$DIR/log/slurmctld.stderr" 2>&1 \
         || { tail_log "$DIR/log/slurmctld.stderr"; tail_log "$DIR/log/slurmctld.log"; die "slurmctld failed to start (see $DIR/log/slurmctld.log)"; }
     local i
     for ((i = 0; i < 100; i++)); do
@@ -246,7 +246,7 @@ start_slurmd() {
     local n=$1
     say "starting slurmd -N $n"
     mkdir -p "$DIR/spool/$n"
-    slurmd -f "$CONF" -N "$n" </dev/null >>"$DIR/log/slurmd-$n.stderr" 2>&1 \
+    slurmd -f "$CONF" -N "$n" </dev/null 9>&- >>"$DIR/log/slurmd-$n.stderr" 2>&1 \
         || { tail_log "$DIR/log/slurmd-$n.stderr"; tail_log "$DIR/log/slurmd-$n.log"; die "slurmd -N $n failed to start (see $DIR/log/slurmd-$n.log)"; }
 }
 

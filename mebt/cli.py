@@ -37,6 +37,13 @@ def cmd_export(args) -> None:
           "parameters, loadable with mebt.checkpoint.load_model (no DeepSpeed needed)")
 
 
+def cmd_launch_local(args) -> int:
+    from launchers.local import launch_local
+
+    train_args = (["--config", args.config] if args.config else []) + args.overrides
+    return launch_local(args.nproc, train_args)
+
+
 def cmd_data_synth_codes(args) -> None:
     from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
     from data_pipeline.synthetic_codes import SyntheticCodesConfig
@@ -146,9 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`mebt train --config configs/tiny.yaml train.steps=100`. One process with no "
                                    "launcher, or many under torchrun, the deepspeed launcher or srun (the same "
                                    "command). A run directory holding a checkpoint is resumed automatically; "
-                                   "SIGTERM/SIGUSR1 checkpoint and exit with code 75 (requeue).")
+                                   "SIGTERM/SIGUSR1/SIGUSR2 checkpoint and exit with code 75 (requeue).")
     add_config_args(p, "YAML config file (see configs/)")
     p.set_defaults(func=cmd_train)
+
+    launch = sub.add_parser("launch", help="run jobs: several local processes (SLURM: see below)",
+                            description="Launch training as several processes on this machine.").add_subparsers(
+        dest="launcher", required=True, metavar="WHERE")
+    local = launch.add_parser("local", help="several processes on this machine, no SLURM or torchrun needed",
+                              description="Start N `mebt train` processes with the rendezvous variables set. "
+                                          "Exit code: 0, 75 when stopped by a signal after a checkpoint "
+                                          "(rerun to resume), or the first failure's.").add_subparsers(
+        dest="job", required=True, metavar="JOB")
+    p = local.add_parser("train", help="train with N processes (ranks 0..N-1, one per core share)")
+    p.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
+    add_config_args(p, "YAML config file (see configs/)")
+    p.set_defaults(func=cmd_launch_local)
 
     p = sub.add_parser("export", help="consolidate a training checkpoint into one fp32 model file",
                        description="Turn a DeepSpeed checkpoint (ZeRO 0-3) of `mebt train` into one fp32 model file "

@@ -6,7 +6,8 @@ batch sizes) -> process group -> model and engine -> resume -> loop -> final che
 needs (step, every rank's loader position and RNG states, the MLflow run id) lives in ``TrainState`` and
 the DeepSpeed checkpoint's client state; a run directory that has a checkpoint resumes from it.
 
-SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption) asks for a stop: the ranks agree
+SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption; submitit asks SLURM for
+USR2) asks for a stop: the ranks agree
 on it at the next step boundary, checkpoint, and ``train`` returns ``preempted``; the CLI then exits with
 ``REQUEUE_EXIT_CODE`` so a launcher knows to requeue rather than fail.
 """
@@ -60,11 +61,11 @@ class TrainState:
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGUSR1 so the loop can stop at a step boundary instead of mid-step."""
+    """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the loop can stop at a step boundary instead of mid-step."""
 
     def __init__(self):
         self.signal = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name

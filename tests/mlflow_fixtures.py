@@ -77,8 +77,10 @@ def start_mlflow_server(workdir: Path, timeout: float = 120.0) -> MlflowServer:
             "--port", str(port), "--workers", "1"]
     log_path = workdir / "mlflow-server.log"
     with open(log_path, "wb") as log:
+        # The job runner (a dozen huey consumers, ~2.5 GB together) serves GenAI features tracking never uses.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=workdir, start_new_session=True)
+                                cwd=workdir, start_new_session=True,
+                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     server = MlflowServer(workdir, port, proc, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

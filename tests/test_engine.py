@@ -219,3 +219,24 @@ def test_bad_input_is_one_line_before_anything_is_created(codes_dir, tmp_path, e
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and lines[-1].startswith("mebt: error: ") and message in lines[-1], done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not run_dir.exists()
+
+
+def test_launch_local_runs_n_processes_and_passes_the_requeue_code_on(codes_dir, tmp_path):
+    launch = [sys.executable, "-m", "mebt.cli", "launch", "local", "train", "--nproc", "2"]
+    run_dir = tmp_path / "run"
+    done = subprocess.run([*launch, *overrides(codes_dir, run_dir, **{"train.steps": 4})], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) (env)" in done.stdout and [len(trace(run_dir, r)) for r in (0, 1)] == [4, 4]
+    # A signal to the launcher reaches both processes; they checkpoint and the launcher exits with 75.
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([*launch, *overrides(codes_dir, stopped, **{"train.ckpt_every": 1000})],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (stopped / "trace" / "rank0.jsonl").exists() or not trace(stopped, 0):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    assert latest(stopped) is not None
