@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # Installs only what is missing: torch first (CPU build from local disk on CPU machines), then the package.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, pathlib, sys; \
+	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, pathlib, sys; \
 		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 
@@ -15,8 +15,11 @@ demo: install
 	$(PYTHON) -m mebt.cli data synth-codes runs/tiny-codes --grid 4 8 8 --vocab-size 8 --sizes 4 5
 	$(PYTHON) -m mebt.cli train --config configs/tiny.yaml
 
+# The tests need a real SLURM cluster (two emulated nodes on this machine, installed on first use) and
+# start their own MLflow server; the cluster is stopped afterwards whatever the result.
 test: install
-	$(PYTHON) -m pytest -q
+	bash launchers/local_slurm.sh start
+	$(PYTHON) -m pytest -q; rc=$$?; bash launchers/local_slurm.sh stop; exit $$rc
 
 bench: install
 	$(PYTHON) -m mebt.cli bench train-scaling

@@ -20,9 +20,9 @@
 #
 # How clients find the config: the daemons are given the path explicitly (-f). Client commands
 # (sbatch, srun, squeue, sinfo, scontrol, submitit) honour $SLURM_CONF first and fall back to
-# /etc/slurm/slurm.conf, so both are provided: the copy in /etc/slurm makes a plain `sbatch` work in any
-# shell (and `srun` inside jobs submitted with --export=NONE), while `eval "$(... env)"` is the explicit
-# way and what tests should use. sbatch exports the caller's environment (SLURM_CONF included) by default.
+# /etc/slurm/slurm.conf, so both are provided: the copy in /etc/slurm makes a plain `sbatch` (or a
+# submitit process without SLURM_CONF) work in any shell, while `eval "$(... env)"` is the explicit way
+# and what tests should use. Inside jobs slurmd sets SLURM_CONF itself, so srun finds the config.
 #
 # Settings that matter on this host (slurm 22.05 from Debian 12, measured):
 #   ProctrackType=proctrack/linuxproc, TaskPlugin=task/none   cgroup plugins are fatal on the host's
@@ -34,15 +34,21 @@
 #   ReturnToService=2                                           a node whose slurmd restarts comes back.
 #   SlurmUser=root, AccountingStorageType=accounting_storage/none  no slurmdbd: `sacct` fails and submitit
 #                                                               reports state UNKNOWN but returns results.
-#   SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1  ~1 s per job, not ~3 s.
+#   SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1  0.1-1 s per job, not ~3 s.
 #   AuthInfo=cred_expire=10                                     a requeued job restarts in ~10 s, not 120 s.
 #   FirstJobId from epoch seconds (mod 64e6, below MaxJobId)    ids don't repeat when the state folder
 #                                                               is wiped (submitit folders are keyed by
 #                                                               job id); with kept state the id sequence
 #                                                               is recovered and keeps increasing.
 #   NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001/17002  two slurmd on one host (`slurmd -N`).
-#   Do not submit with `sbatch --export=NONE` unless /etc/slurm/slurm.conf is present: srun inside the
-#   job then cannot find the config.
+#   `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE in the job, so a plain `srun cmd` inside it
+#   starts tasks with an empty environment (no PATH: "execve(): cmd: No such file or directory"); use
+#   `srun --export=ALL` there (or unset SLURM_EXPORT_ENV), or don't use --export=NONE.
+# Script behaviour worth knowing: daemons get stdin /dev/null, output to log/, and not the lock fd (a
+# caller capturing `start`'s output does not hang; munged once kept the flock and deadlocked `stop`);
+# /usr/sbin is added to PATH (CI shells may lack it); `start` after a crash (kill -9, reboot) cancels
+# the jobs slurmctld recovers once the nodes are back, so nothing reruns unexpectedly; `stop` cancels
+# jobs first so no slurmstepd/job process outlives the cluster; start/stop serialise on $DIR/.lock.
 #
 # Environment knobs: MEBT_SLURM_DIR (state folder), MEBT_SLURM_PORT_BASE (default 17000: slurmctld on
 # it, n1/n2 on +1/+2), MEBT_SLURM_NODE_CPUS (default 2), MEBT_SLURM_NODE_MEM_MB (default min(8000,
@@ -53,6 +59,7 @@ set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 DIR="${MEBT_SLURM_DIR:-/tmp/mebt-slurm}"
 CONF="$DIR/etc/slurm.conf"
+export SLURM_CONF="$CONF"   # for the client commands this script runs (sinfo, squeue, scontrol, scancel)
 ETC_CONF=/etc/slurm/slurm.conf
 PORT_BASE="${MEBT_SLURM_PORT_BASE:-17000}"
 NODES=(n1 n2)
@@ -62,21 +69,32 @@ WAIT_S=60
 say() { echo "local_slurm: $*" >&2; }
 die() { echo "local_slurm: error: $*" >&2; exit 1; }
 
-# Last lines of a log, indented, for error messages.
-tail_log() { [[ -f $1 ]] && { echo "--- last lines of $1:"; tail -n 15 "$1" | sed 's/^/    /'; } >&2 || true; }
+# Last lines of a log, indented, for error messages (without the harmless PMIx plugin noise).
+tail_log() {
+    [[ -f $1 ]] || return 0
+    { echo "--- last lines of $1:"; grep -v -e 'pmix' -e 'MPI: Cannot create context' "$1" | tail -n 12 | sed 's/^/    /'; } >&2 || true
+}
 
-# pid_of PIDFILE COMM: prints the pid if the file names a live process whose comm is COMM.
+# running PID: the process exists and is not a zombie (this host's init reaps orphans lazily, so a
+# killed daemon can linger as a zombie that still has a /proc entry and its comm).
+running() {
+    local st
+    st=$(sed -n 's/^.*) \(.\).*$/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $st && $st != Z && $st != X ]]
+}
+
+# pid_of PIDFILE COMM: prints the pid if the file names a running process whose comm is COMM.
 pid_of() {
     local f=$1 comm=$2 pid
     [[ -s $f ]] || return 1
     pid=$(head -n1 "$f" 2>/dev/null | tr -dc 0-9)
-    [[ -n $pid && -r /proc/$pid/comm ]] || return 1
+    [[ -n $pid ]] && running "$pid" || return 1
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
     echo "$pid"
 }
 ctld_pidfile() { echo "$DIR/run/slurmctld.pid"; }
 slurmd_pidfile() { echo "$DIR/run/slurmd-$1.pid"; }
-munged_pidfile() { echo "$DIR/munge/munged.pid"; }
+munged_pidfile() { local f; f=$(head -n1 "$DIR/run/munged.ours" 2>/dev/null) || true; echo "${f:-$DIR/munge/munged.pid}"; }
 ctld_pid() { pid_of "$(ctld_pidfile)" slurmctld; }
 slurmd_pid() { pid_of "$(slurmd_pidfile "$1")" slurmd; }
 
@@ -114,16 +132,22 @@ start_munge() {
         chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key
     fi
     install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0755 "$DIR/munge"
-    local log="$DIR/munge/munged.log"
+    # munged (as user munge) writes its pid file and log under $DIR/munge; where the munge user cannot
+    # use that folder (or munged rejects its permissions) it falls back to its defaults in /run/munge and
+    # /var/log/munge. run/munged.ours records the pid file: stop kills munged only when it exists.
+    local pidf="$DIR/munge/munged.pid" log="$DIR/munge/munged.log" i
     rm -f "$DIR/run/munged.ours"
-    runuser -u munge -- /usr/sbin/munged --pid-file="$(munged_pidfile)" --log-file="$log" 9>&- \
-        </dev/null >>"$DIR/log/munged.stderr" 2>&1 \
-        || { tail_log "$DIR/log/munged.stderr"; tail_log "$log"; die "munged failed to start (see $log)"; }
-    local i
+    install -d -o munge -g munge -m 0755 "$DIR/munge"
+    if ! runuser -u munge -- /usr/sbin/munged --pid-file="$pidf" --log-file="$log" \
+            </dev/null >>"$DIR/log/munged.stderr" 2>&1 9>&-; then
+        say "munged refused $DIR/munge (see $DIR/log/munged.stderr); using its default paths"
+        pidf=/run/munge/munged.pid log=/var/log/munge/munged.log
+        runuser -u munge -- /usr/sbin/munged </dev/null >>"$DIR/log/munged.stderr" 2>&1 9>&- \
+            || { tail_log "$DIR/log/munged.stderr"; die "munged failed to start (see $DIR/log/munged.stderr)"; }
+    fi
     for ((i = 0; i < 50; i++)); do munge_ok && break; sleep 0.1; done
     munge_ok || { tail_log "$log"; die "munged started but munge -n | unmunge fails (see $log)"; }
-    touch "$DIR/run/munged.ours"   # stop kills munged only when this marker exists
+    echo "$pidf" >"$DIR/run/munged.ours"
 }
 
 # ---------------------------------------------------------------------------------------------- config
@@ -242,6 +266,8 @@ start_ctld() {
     die "slurmctld did not come up within 20 s (see $DIR/log/slurmctld.log)"
 }
 
+started_count() { local c; c=$(grep -c 'slurmd started on' "$DIR/log/slurmd-$1.log" 2>/dev/null) || true; echo "${c:-0}"; }
+
 start_slurmd() {
     local n=$1
     say "starting slurmd -N $n"
@@ -250,21 +276,27 @@ start_slurmd() {
         || { tail_log "$DIR/log/slurmd-$n.stderr"; tail_log "$DIR/log/slurmd-$n.log"; die "slurmd -N $n failed to start (see $DIR/log/slurmd-$n.log)"; }
 }
 
-all_job_ids() { timeout 15 squeue -h -o '%i' 2>/dev/null | sort -u || true; }
+# Jobs in a live state (finished jobs stay listed as CD/CA/F for MinJobAge and are ignored).
+live_job_ids() { timeout 15 squeue -h -t PD,R,CG,S,CF,RQ,RS,SE,SO,RD,RF,RH,ST -o '%i' 2>/dev/null | sort -u || true; }
 
-cancel_all_jobs() {
-    local ids i
-    ids=$(all_job_ids)
-    [[ -n $ids ]] || return 0
-    say "cancelling jobs: $(echo $ids)"
-    # shellcheck disable=SC2086
-    timeout 15 scancel $ids 2>/dev/null || true
+# cancel_ids ID...: scancel, then wait (<= 15 s) until none of them is in a live state.
+cancel_ids() {
+    local i left
+    timeout 15 scancel "$@" 2>/dev/null || true
     for ((i = 0; i < 75; i++)); do
-        # Finished jobs may still be listed (state CD) for MinJobAge: wait only for live states.
-        [[ -z $(timeout 15 squeue -h -t PD,R,CG,S,CF,RQ,RS,SE,SO -o '%i' 2>/dev/null || true) ]] && return 0
+        left=$(live_job_ids | grep -Fx -f <(printf '%s\n' "$@") || true)
+        [[ -z $left ]] && return 0
         sleep 0.2
     done
-    say "warning: some jobs are still completing after 15 s"
+    say "warning: jobs still completing after 15 s: ${left//$'\n'/ }"
+}
+
+cancel_all_jobs() {
+    local ids
+    mapfile -t ids < <(live_job_ids)
+    ((${#ids[@]})) || return 0
+    say "cancelling jobs: ${ids[*]}"
+    cancel_ids "${ids[@]}"
 }
 
 cmd_start() {
@@ -285,27 +317,31 @@ cmd_start() {
     for n in "${NODES[@]}"; do slurmd_pid "$n" >/dev/null && any_alive=1; done
     # Rewrite the config only when none of our slurm daemons run (they must all read the same file).
     if ((!any_alive)) || [[ ! -f $CONF ]]; then write_conf; fi
-    export SLURM_CONF="$CONF"
 
+    # A cluster that died (reboot, kill -9) leaves jobs in the saved state. They are cancelled once the
+    # nodes are back (not before: a job cancelled while its node is down is forgotten by slurmctld, and
+    # a job step still running under a surviving slurmstepd would go on as an orphan).
+    local stale=()
     if ! ctld_pid >/dev/null; then
         start_ctld
-        # A cluster that died (reboot, kill) leaves jobs in the saved state whose processes are gone:
-        # cancel them before any node registers, so they are not requeued/relaunched unexpectedly.
-        if ((!any_alive)) && [[ ${MEBT_SLURM_KEEP_JOBS:-0} != 1 ]]; then
-            local stale
-            stale=$(all_job_ids)
-            if [[ -n $stale ]]; then
-                say "cancelling jobs left over from a previous run: $(echo $stale)"
-                # shellcheck disable=SC2086
-                timeout 15 scancel $stale 2>/dev/null || true
-            fi
-        fi
+        if ((!any_alive)) && [[ ${MEBT_SLURM_KEEP_JOBS:-0} != 1 ]]; then mapfile -t stale < <(live_job_ids); fi
     fi
-    for n in "${NODES[@]}"; do slurmd_pid "$n" >/dev/null || start_slurmd "$n"; done
+    # Nodes whose slurmd we start now must log "slurmd started on" (listening, registering) before the
+    # cluster counts as up: slurmctld reports a node idle from its saved state before that.
+    local -A started_before=()
+    for n in "${NODES[@]}"; do
+        slurmd_pid "$n" >/dev/null && continue
+        started_before[$n]=$(started_count "$n")
+        start_slurmd "$n"
+    done
 
-    local i resumed=0
+    local i resumed=0 registered
     for ((i = 0; i < WAIT_S * 4; i++)); do
-        nodes_ok && break
+        registered=1
+        for n in "${!started_before[@]}"; do
+            (($(started_count "$n") > started_before[$n])) || registered=0
+        done
+        ((registered)) && nodes_ok && break
         for n in "${NODES[@]}"; do
             slurmd_pid "$n" >/dev/null || { tail_log "$DIR/log/slurmd-$n.log"; die "slurmd -N $n exited (see $DIR/log/slurmd-$n.log)"; }
         done
@@ -317,56 +353,64 @@ cmd_start() {
         fi
         sleep 0.25
     done
-    if ! nodes_ok; then
+    if ! ((registered)) || ! nodes_ok; then
         echo "sinfo: $(node_states | tr '\n' ';')" >&2
         tail_log "$DIR/log/slurmctld.log"
         for n in "${NODES[@]}"; do tail_log "$DIR/log/slurmd-$n.log"; done
         die "nodes not idle after ${WAIT_S} s (see $DIR/log/slurmctld.log and $DIR/log/slurmd-n*.log)"
+    fi
+    if ((${#stale[@]})); then
+        say "cancelling jobs left over from a previous run: ${stale[*]}"
+        cancel_ids "${stale[@]}"
     fi
     say "up in $((SECONDS - t0)) s"
     summary
 }
 
 summary() {
-    export SLURM_CONF="$CONF"
     echo "local slurm up: nodes $(node_states | tr '\n' ',' | sed 's/,$//'), partition debug, SLURM_CONF=$CONF, logs $DIR/log"
 }
 
-# stop_pid PIDFILE COMM NAME: SIGTERM, wait 10 s, SIGKILL, remove the pid file.
-stop_pid() {
-    local f=$1 comm=$2 name=$3 pid i
-    if pid=$(pid_of "$f" "$comm"); then
-        say "stopping $name (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do [[ -d /proc/$pid ]] || break; sleep 0.2; done
-        if [[ -d /proc/$pid ]]; then
-            say "$name did not exit after 10 s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            for ((i = 0; i < 25; i++)); do [[ -d /proc/$pid ]] || break; sleep 0.2; done
+# stop_pids "PIDFILE COMM NAME"...: SIGTERM to all, wait up to 10 s, SIGKILL the rest, remove pid files.
+stop_pids() {
+    local spec f comm name pid i alive pids=()
+    for spec in "$@"; do
+        read -r f comm name <<<"$spec"
+        if pid=$(pid_of "$f" "$comm"); then
+            say "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
         fi
-    fi
-    rm -f "$f"
+    done
+    for ((i = 0; i < 75; i++)); do
+        alive=()
+        for pid in "${pids[@]}"; do running "$pid" && alive+=("$pid"); done
+        ((${#alive[@]} == 0)) && break
+        if ((i == 50)); then
+            say "still running after 10 s, SIGKILL: ${alive[*]}"
+            kill -KILL "${alive[@]}" 2>/dev/null || true
+        fi
+        sleep 0.2
+    done
+    for spec in "$@"; do read -r f _ <<<"$spec"; rm -f "$f"; done
 }
 
 cmd_stop() {
     [[ -d $DIR ]] || { say "nothing to stop ($DIR does not exist)"; return 0; }
     with_lock
-    export SLURM_CONF="$CONF"
     if [[ ${MEBT_SLURM_KEEP_JOBS:-0} != 1 ]] && ctld_pid >/dev/null && command -v squeue >/dev/null 2>&1; then
         cancel_all_jobs
     fi
-    local n
-    for n in "${NODES[@]}"; do stop_pid "$(slurmd_pidfile "$n")" slurmd "slurmd -N $n"; done
-    stop_pid "$(ctld_pidfile)" slurmctld slurmctld
-    if [[ -f $DIR/run/munged.ours ]]; then
-        stop_pid "$(munged_pidfile)" munged munged
-        rm -f "$DIR/run/munged.ours"
-    fi
+    # All at once: each daemon takes ~2 s to exit after SIGTERM, and none needs another to shut down.
+    local specs=("$(slurmd_pidfile n1) slurmd slurmd-n1" "$(slurmd_pidfile n2) slurmd slurmd-n2"
+                 "$(ctld_pidfile) slurmctld slurmctld")
+    [[ -f $DIR/run/munged.ours ]] && specs+=("$(munged_pidfile) munged munged")
+    stop_pids "${specs[@]}"
+    rm -f "$DIR/run/munged.ours"
     say "stopped"
 }
 
 cmd_status() {
-    export SLURM_CONF="$CONF"
     local n pid rc=0
     if pid=$(ctld_pid); then echo "slurmctld: running (pid $pid)"; else echo "slurmctld: not running"; rc=1; fi
     for n in "${NODES[@]}"; do
@@ -388,7 +432,7 @@ cmd_status() {
 }
 
 cmd_env() {
-    echo "export SLURM_CONF=$CONF"
+    printf 'export SLURM_CONF=%q\n' "$CONF"
 }
 
 case "${1:-}" in

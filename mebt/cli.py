@@ -44,6 +44,60 @@ def cmd_launch_local(args) -> int:
     return launch_local(args.nproc, train_args)
 
 
+def _slurm_config(args):
+    from launchers.slurm import SlurmConfig
+
+    return SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                       partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+                       constraint=args.constraint, mem=args.mem, cpus_per_task=args.cpus_per_task,
+                       exclusive=args.exclusive, signal_delay_s=args.signal_delay_s,
+                       max_requeues=args.max_requeues, job_name=args.job_name)
+
+
+def cmd_launch_slurm_train(args) -> None:
+    from launchers.slurm import submit_train
+
+    submit_train(args.config, args.overrides, _slurm_config(args), dry_run=args.dry_run, local=args.local)
+
+
+def cmd_launch_slurm_preprocess(args) -> None:
+    from launchers.slurm import submit_preprocess
+
+    submit_preprocess(args.preprocess_args, args.num_tasks, _slurm_config(args), dry_run=args.dry_run,
+                      local=args.local)
+
+
+def cmd_launch_status(args) -> None:
+    from launchers.slurm import status
+
+    report = status(args.run_dir, lines=args.lines)
+    for key in ("job_id", "kind", "state", "checkpoint", "last_logged", "dataset"):
+        if key in report:
+            print(f"{key}: {json.dumps(report[key]) if isinstance(report[key], dict) else report[key]}")
+    print(f"--- stdout (last {args.lines} lines)\n{report['stdout_tail']}\n--- stderr (last {args.lines} lines)\n"
+          f"{report['stderr_tail']}")
+
+
+def add_slurm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SLURM")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU job")
+    g.add_argument("--tasks-per-node", type=int, help="default: one per GPU, or 1 on CPU")
+    g.add_argument("--partition")
+    g.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--mem", help="memory per node, e.g. 64G")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--exclusive", action="store_true")
+    g.add_argument("--signal-delay-s", type=int, default=120, help="SIGUSR2 this long before the time limit")
+    g.add_argument("--max-requeues", type=int, default=10, help="requeues after preemption or time limit")
+    g.add_argument("--job-name", default="mebt")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    g.add_argument("--local", action="store_true", help="run the same job with submitit's local executor")
+
+
 def cmd_data_synth_codes(args) -> None:
     from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
     from data_pipeline.synthetic_codes import SyntheticCodesConfig
@@ -157,9 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, "YAML config file (see configs/)")
     p.set_defaults(func=cmd_train)
 
-    launch = sub.add_parser("launch", help="run jobs: several local processes (SLURM: see below)",
-                            description="Launch training as several processes on this machine.").add_subparsers(
-        dest="launcher", required=True, metavar="WHERE")
+    launch = sub.add_parser("launch", help="run jobs on SLURM (submitit) or as local processes; follow them",
+                            description="Launch training and preprocessing on a SLURM cluster through submitit, "
+                                        "or training as several local processes; `status` follows a job."
+                            ).add_subparsers(dest="launcher", required=True, metavar="WHERE")
+    slurm = launch.add_parser("slurm", help="submit to SLURM with submitit",
+                              description="Submit a job to SLURM through submitit. Training: one task per GPU (or "
+                                          "per process on CPU), requeued after preemption or time limit and resumed "
+                                          "from its checkpoint. Preprocessing: a job array.").add_subparsers(
+        dest="job", required=True, metavar="JOB")
+    p = slurm.add_parser("train", help="mebt train on NODES x TASKS processes",
+                         description="Same config and overrides as `mebt train`; checked before submitting.")
+    add_config_args(p, "YAML config file (see configs/)")
+    add_slurm_args(p)
+    p.set_defaults(func=cmd_launch_slurm_train)
+    p = slurm.add_parser("preprocess", help="mebt preprocess as a job array (one slice per task)",
+                         description="SLURM options first, then the `mebt preprocess` arguments, e.g. `mebt launch "
+                                     "slurm preprocess --num-tasks 8 --partition cpu videos/ --out data/ds "
+                                     "--tokenizer vqgan.ckpt`. A rerun only redoes missing shards.")
+    p.add_argument("--num-tasks", type=int, required=True, help="array tasks (slices of the shards)")
+    add_slurm_args(p)
+    p.add_argument("preprocess_args", nargs=argparse.REMAINDER, help="arguments of mebt preprocess")
+    p.set_defaults(func=cmd_launch_slurm_preprocess)
+    p = launch.add_parser("status", help="state, progress and log tail of a submitted job",
+                          description="Reads RUN_DIR/launch.json (written at submission) and asks SLURM.")
+    p.add_argument("run_dir", help="the run dir (training) or output dir (preprocessing) of the job")
+    p.add_argument("--lines", type=int, default=15, help="log lines to show")
+    p.set_defaults(func=cmd_launch_status)
     local = launch.add_parser("local", help="several processes on this machine, no SLURM or torchrun needed",
                               description="Start N `mebt train` processes with the rendezvous variables set. "
                                           "Exit code: 0, 75 when stopped by a signal after a checkpoint "

@@ -1,0 +1,292 @@
+"""`mebt launch slurm train|preprocess`: submitit jobs on a SLURM cluster.
+
+Training: one submitit task per GPU (or per process on CPU) on each node. Every task derives the
+torch.distributed/DeepSpeed rendezvous from the submitit job environment (ranks and world size; the master
+is the first hostname; the port comes from the job id so all tasks agree without talking), then runs the
+same ``train`` as `mebt train`. SLURM is asked for SIGUSR2 ``signal_delay_s`` before the time limit
+(submitit's convention); preemption sends SIGTERM. Either makes the training checkpoint at the next
+step boundary; then rank 0 requeues the job (``scontrol requeue``, up to ``max_requeues`` times, counted by
+SLURM_RESTART_COUNT) and every task exits without a result, so submitit sees a requeued job, not a
+finished one. The requeued job resumes from the checkpoint into the same run directory and MLflow run.
+
+Preprocessing: a job array, one task per slice (``--task-index/--num-tasks`` of `mebt preprocess`); the
+task that finishes the last shard merges the manifest, and a rerun only redoes missing shards.
+
+The submission is recorded in ``RUN_DIR/launch.json`` (job id, logs) for `mebt launch status RUN_DIR`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mebt.config import ConfigError, UserError
+
+LAUNCH_JSON = "launch.json"
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 0                 # 0: a CPU job
+    tasks_per_node: int | None = None      # default: gpus_per_node, or 1 on CPU
+    partition: str | None = None
+    time: str = "60"                       # minutes, or [D-]HH:MM[:SS]
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem: str | None = None                 # per node, e.g. 64G
+    cpus_per_task: int | None = None
+    exclusive: bool = False
+    signal_delay_s: int = 120              # SIGUSR2 this long before the time limit
+    max_requeues: int = 10
+    job_name: str = "mebt"
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 0 or (self.tasks_per_node is not None and self.tasks_per_node < 1):
+            raise ConfigError("--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0")
+        if self.tasks_per_node is None:
+            self.tasks_per_node = self.gpus_per_node or 1
+        self.time_min = minutes(self.time)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def minutes(text: str) -> int:
+    """SLURM time formats (M, H:M:S, D-H, D-H:M, D-H:M:S, M:S) in whole minutes, rounded up."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        raise ConfigError(f"--time '{text}' is not a SLURM time (minutes, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is None and b is None:
+        seconds = a * 60                                # M
+    elif days is None and c is None:
+        seconds = a * 60 + b                            # M:S
+    else:
+        h, mi, s = a, b or 0, c or 0                    # [D-]H[:M[:S]]
+        seconds = ((days or 0) * 24 + h) * 3600 + mi * 60 + s
+    return max(1, -(-seconds // 60))
+
+
+def check_cluster(cfg: SlurmConfig) -> None:
+    """One line for what would make sbatch fail: no SLURM commands, or an unknown partition."""
+    missing = [c for c in ("sbatch", "sinfo", "scontrol") if shutil.which(c) is None]
+    if missing:
+        raise UserError(f"SLURM commands not found ({', '.join(missing)}); run this on a SLURM login node, "
+                        "use --local, or start the test cluster with launchers/local_slurm.sh start")
+    if cfg.partition:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60)
+        known = sorted(set(out.stdout.split()))
+        if out.returncode == 0 and cfg.partition not in known:
+            raise UserError(f"unknown SLURM partition '{cfg.partition}' (available: {', '.join(known) or 'none'})")
+
+
+def executor(cfg: SlurmConfig, folder: Path, local: bool, array: int | None = None):
+    """A submitit executor for ``cfg`` (the local executor runs the same tasks as local processes)."""
+    import submitit
+
+    if local:
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=cfg.time_min, nodes=1, tasks_per_node=cfg.tasks_per_node,
+                             gpus_per_node=cfg.gpus_per_node)
+        return ex
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
+    extra = {"requeue": True}   # scontrol requeue needs a requeueable job
+    if cfg.account:
+        extra["account"] = cfg.account
+    params = dict(job_name=cfg.job_name, time=cfg.time_min, nodes=cfg.nodes, ntasks_per_node=cfg.tasks_per_node,
+                  signal_delay_s=cfg.signal_delay_s, additional_parameters=extra, stderr_to_stdout=False)
+    if cfg.gpus_per_node:
+        params["gpus_per_node"] = cfg.gpus_per_node
+    for key in ("partition", "qos", "constraint", "mem", "cpus_per_task"):
+        if getattr(cfg, key) is not None:
+            params[key] = getattr(cfg, key)
+    if cfg.exclusive:
+        params["exclusive"] = True
+    if array is not None:
+        params["array_parallelism"] = array
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(cfg: SlurmConfig, folder: Path) -> str:
+    """The sbatch script submitit would submit (for --dry-run): nothing is written or submitted."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = dict(executor(cfg, folder, local=False).parameters)
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def rendezvous_from_submitit() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the submitit job environment (SLURM or local executor)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    digits = re.sub(r"\D", "", str(env.job_id)) or "0"
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1",
+                      MASTER_PORT=str(15000 + int(digits[-9:]) % 20000))
+
+
+class TrainTask:
+    """The callable each task runs: `mebt train` with the rendezvous from submitit, requeue on a stop signal."""
+
+    def __init__(self, config: str | None, overrides: list[str], max_requeues: int):
+        self.config, self.overrides, self.max_requeues = config, list(overrides), max_requeues
+
+    def __call__(self) -> dict:
+        from mebt.config import load_config
+        from mebt.engine import REQUEUE_EXIT_CODE, train
+        from mebt.train_config import RunConfig
+
+        rendezvous_from_submitit()
+        result = train(load_config(RunConfig, self.config, self.overrides))
+        if not result["preempted"]:
+            return result
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        job = os.environ.get("SLURM_JOB_ID")
+        if job is None or restarts >= self.max_requeues:
+            raise RuntimeError(f"stopped by {result['preempted']} at step {result['step']} after a checkpoint; "
+                               f"not requeued ({'not a SLURM job' if job is None else 'requeue limit reached'}); "
+                               "submit the same command again to resume")
+        if os.environ.get("RANK") == "0":
+            # Fails harmlessly when SLURM is already requeueing the job (scontrol requeue, preemption).
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            print(f"mebt: requeue of job {job}: {'ok' if done.returncode == 0 else done.stderr.strip()}",
+                  file=sys.stderr)
+        sys.exit(REQUEUE_EXIT_CODE)   # SystemExit: submitit writes no result, the requeued job will
+
+    def checkpoint(self, *args, **kwargs):
+        # submitit's own USR2 handler (active before training installs its own) requeues this same task.
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def record(run_dir: Path, job, kind: str, cfg: SlurmConfig, command: list[str]) -> dict:
+    job_id = str(job.job_id).split("_")[0]   # an array's tasks are JOB_0, JOB_1, ...
+    info = {"kind": kind, "job_id": job_id, "submitted_at": time.time(), "slurm": asdict(cfg),
+            "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "folder": str(job.paths.folder),
+            "command": command}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{LAUNCH_JSON}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(run_dir / LAUNCH_JSON)
+    return info
+
+
+def _announce(info: dict, run_dir: Path, extra: str = "") -> None:
+    print(f"submitted {info['kind']} job {info['job_id']}: logs {info['stdout']} (stderr {info['stderr']}), "
+          f"run dir {run_dir}{extra}; follow with `mebt launch status {run_dir}`")
+
+
+def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, dry_run: bool = False,
+                 local: bool = False) -> dict | None:
+    """Check everything that can be checked here, then submit (or print the sbatch script)."""
+    from data_pipeline.loader import make_loader
+    from mebt.config import load_config
+    from mebt.train_config import RunConfig, deepspeed_config
+
+    cfg = load_config(RunConfig, config, overrides)
+    # Batch sizes against nodes x tasks, precision against the device, the dataset against the model: the
+    # same one-line errors `mebt train` gives, before anything is queued.
+    deepspeed_config(cfg, slurm.world_size, "cuda" if slurm.gpus_per_node else "cpu")
+    make_loader(cfg.data, 0, slurm.world_size, expect_grid=tuple(cfg.model.latent_shape),
+                expect_vocab=cfg.model.vocab_size)
+    run_dir = Path(cfg.train.run_dir).resolve()
+    folder = run_dir / "slurm"
+    if dry_run:
+        print(sbatch_script(slurm, folder))
+        return None
+    if not local:
+        check_cluster(slurm)
+    job = executor(slurm, folder, local).submit(TrainTask(config, overrides, slurm.max_requeues))
+    info = record(run_dir, job, "train", slurm, sys.argv)
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir}/mlflow.db"
+    _announce(info, run_dir, f", MLflow {uri} experiment '{cfg.mlflow.experiment}'" if cfg.mlflow.enabled else "")
+    return {**info, "job": job}
+
+
+class PreprocessTask:
+    """One slice of `mebt preprocess` (the array index picks the slice)."""
+
+    def __init__(self, args: list[str], num_tasks: int):
+        self.args, self.num_tasks = list(args), num_tasks
+
+    def __call__(self, index: int) -> int:
+        from mebt.cli import main
+
+        code = main(["preprocess", *self.args, "--task-index", str(index), "--num-tasks", str(self.num_tasks)])
+        if code:
+            raise RuntimeError(f"mebt preprocess task {index}/{self.num_tasks} failed with exit code {code}")
+        return code
+
+
+def submit_preprocess(args: list[str], num_tasks: int, slurm: SlurmConfig, dry_run: bool = False,
+                      local: bool = False) -> dict | None:
+    from mebt.cli import build_parser
+
+    parsed = build_parser().parse_args(["preprocess", *args])   # argparse errors exit 2 here, before submitting
+    if parsed.merge or parsed.task_index is not None or parsed.num_tasks is not None:
+        raise UserError("give mebt launch slurm preprocess the preprocess arguments without --merge, --task-index "
+                        "or --num-tasks (use its own --num-tasks)")
+    if not parsed.input_dir or not parsed.tokenizer or not Path(parsed.input_dir).is_dir() \
+            or not Path(parsed.tokenizer).is_file():
+        raise UserError("mebt launch slurm preprocess needs an existing INPUT_DIR and --tokenizer file")
+    if num_tasks < 1:
+        raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
+    out = Path(parsed.out).resolve()
+    folder = out / "slurm"
+    if dry_run:
+        print(sbatch_script(slurm, folder))
+        return None
+    if not local:
+        check_cluster(slurm)
+    jobs = executor(slurm, folder, local, array=num_tasks).map_array(PreprocessTask(args, num_tasks),
+                                                                     list(range(num_tasks)))
+    info = record(out, jobs[0], "preprocess", slurm, sys.argv)
+    _announce(info, out, f", {num_tasks} array tasks; the last one merges the manifest")
+    return {**info, "jobs": jobs}
+
+
+def _tail(path: str, lines: int) -> str:
+    p = Path(path)
+    return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.is_file() else f"({path} not written yet)"
+
+
+def status(run_dir: str | Path, lines: int = 15) -> dict:
+    """State of the job recorded in RUN_DIR/launch.json: SLURM state, progress, log tail."""
+    run_dir = Path(run_dir)
+    path = run_dir / LAUNCH_JSON
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' has no {LAUNCH_JSON}: it was not submitted with mebt launch slurm")
+    info = json.loads(path.read_text())
+    states = []
+    if shutil.which("squeue"):
+        out = subprocess.run(["squeue", "-h", "-j", info["job_id"], "-o", "%i %T"], capture_output=True, text=True,
+                             timeout=60)
+        states = out.stdout.split("\n") if out.returncode == 0 else []
+    states = [s for s in states if s.strip()]
+    report = {"job_id": info["job_id"], "kind": info["kind"],
+              "state": "; ".join(states) if states else "not in the queue (finished, failed or cancelled)"}
+    if info["kind"] == "train":
+        metrics = run_dir / "metrics.jsonl"
+        last = metrics.read_text().splitlines()[-1] if metrics.is_file() and metrics.stat().st_size else None
+        report["last_logged"] = json.loads(last) if last else None
+        latest = run_dir / "checkpoints" / "latest"
+        report["checkpoint"] = latest.read_text().strip() if latest.is_file() else None
+    else:
+        dataset = run_dir / "dataset.json"
+        report["dataset"] = json.loads(dataset.read_text()).get("counts") if dataset.is_file() else None
+    report["stdout_tail"] = _tail(info["stdout"], lines)
+    report["stderr_tail"] = _tail(info["stderr"], lines)
+    return report
