@@ -89,9 +89,17 @@ def check_cluster(cfg: SlurmConfig) -> None:
             raise UserError(f"unknown SLURM partition '{cfg.partition}' (available: {', '.join(known) or 'none'})")
 
 
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("submitit is not installed; pip install submitit (or make install)") from None
+    return submitit
+
+
 def executor(cfg: SlurmConfig, folder: Path, local: bool, array: int | None = None):
     """A submitit executor for ``cfg`` (the local executor runs the same tasks as local processes)."""
-    import submitit
+    submitit = _submitit()
 
     if local:
         ex = submitit.LocalExecutor(folder=folder)

@@ -197,7 +197,8 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mebt", description="Train, sample and benchmark MeBT video models.")
+    parser = argparse.ArgumentParser(prog="mebt", description="Train, sample and benchmark MeBT video models.",
+                                     allow_abbrev=False)   # else --local would be read as --local_rank
     # The deepspeed launcher passes --local_rank=N before the subcommand (it also sets LOCAL_RANK, which is used).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

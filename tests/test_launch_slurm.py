@@ -149,3 +149,35 @@ def test_preprocessing_array_of_two_tasks_makes_a_verified_dataset(data, slurm_e
     assert info["complete"] and info["counts"]["shards"] == 4   # 8 train videos (one unreadable), 2 per shard
     status = launch(["status", str(out)], slurm_env)
     assert status.returncode == 0 and "\"shards\": 4" in status.stdout
+
+
+def test_local_executor_runs_the_same_job_as_local_processes(codes_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    done = launch(["slurm", "train", "--local", "--tasks-per-node", "2", *overrides(codes_dir, run_dir,
+                                                                                   **{"train.steps": 6})],
+                  dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "latest").exists() or \
+            (run_dir / "checkpoints" / "latest").read_text() != "global_step6":
+        assert time.monotonic() < deadline, launch(["status", str(run_dir)], dict(os.environ)).stdout
+        time.sleep(0.2)
+    assert [len(trace(run_dir, r)) for r in (0, 1)] == [6, 6]
+
+
+def test_requeue_limit_ends_the_job_with_a_clear_message(codes_dir, slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(codes_dir, run_dir, **{"train.steps": 400, "train.ckpt_every": 1000})
+    done = launch(["slurm", "train", "--max-requeues", "0", "--time", "10", *args], slurm_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = submitted_job(run_dir)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "trace" / "rank0.jsonl").exists() or len(trace(run_dir, 0)) < 3:
+        assert time.monotonic() < deadline, launch(["status", str(run_dir)], slurm_env).stdout
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm_env)
+    wait_until_done(job, slurm_env)
+    stopped = (run_dir / "checkpoints" / "latest").read_text()
+    assert stopped != "global_step400" and len(trace(run_dir, 0)) == int(stopped.removeprefix("global_step"))
+    log = Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
+    assert "not requeued (requeue limit reached); submit the same command again to resume" in log
