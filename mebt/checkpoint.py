@@ -157,16 +157,22 @@ def save_model(model: MeBT, path: str | Path, extra: dict | None = None) -> None
     atomic_save(payload, path)
 
 
-def read_model_file(path: str | Path, map_location="cpu") -> dict:
-    """The checked payload of a model file (format, config and state dict present)."""
+def load_tensors_file(path: str | Path, what: str, absent: str, expected: str, map_location="cpu"):
+    """``torch.load(weights_only=True)`` of a file the user names, with one-line errors for an absent
+    (``absent`` says where to get one) or unreadable (not ``expected``) file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file '{path}' does not exist (write one with save_model or "
-                              "`mebt convert-official CKPT OUT`)")
+        raise CheckpointError(f"{what} '{path}' does not exist{absent}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise CheckpointError(f"model file '{path}' is not a mebt model file: torch.load failed ({first_line(e)})") from None
+        raise CheckpointError(f"{what} '{path}' is not {expected}: torch.load failed ({first_line(e)})") from None
+
+
+def read_model_file(path: str | Path, map_location="cpu") -> dict:
+    """The checked payload of a model file (format, config and state dict present)."""
+    payload = load_tensors_file(path, "model file", " (write one with save_model or `mebt convert-official CKPT OUT`)",
+                                "a mebt model file", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"model file '{path}' is not a mebt model file (format {found!r}, expected "

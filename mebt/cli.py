@@ -98,6 +98,50 @@ def add_slurm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local", action="store_true", help="run the same job with submitit's local executor")
 
 
+def cmd_eval(args) -> None:
+    import dataclasses
+
+    from mebt.config import apply_overrides, from_dict
+    from mebt.evaluate import EvalConfig, evaluate, watch
+    from mebt.sampling import SamplingConfig, preset
+
+    base = dataclasses.asdict(preset(args.preset)) if args.preset else {}
+    sampling = from_dict(SamplingConfig, apply_overrides(base, args.overrides), prefix="sampling.")
+
+    def config(checkpoint: str) -> EvalConfig:
+        return EvalConfig(checkpoint=checkpoint, sampling=sampling, out_dir=args.out, tokenizer=args.tokenizer,
+                          num_samples=args.num_samples, batch_size=args.batch_size, frames=args.frames,
+                          i3d=args.i3d, real_dir=args.real_dir, real_split=args.real_split, num_real=args.num_real,
+                          protocol=args.protocol, seed=args.seed, shard_index=args.shard_index,
+                          num_shards=args.num_shards, device=args.device, log_mlflow=not args.no_mlflow,
+                          **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+
+    if args.watch:
+        reports = watch(args.watch, config, poll_s=args.poll_s, max_evals=args.max_evals)
+        print(f"evaluated {len(reports)} checkpoint(s) of {args.watch}")
+        return
+    if not args.checkpoint:
+        raise UserError("mebt eval needs --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
+    report = evaluate(config(args.checkpoint))
+    print(json.dumps({k: report.get(k) for k in ("complete", "step", "metrics", "note", "out_dir", "mlflow")}, indent=2))
+
+
+def cmd_runs_list(args) -> None:
+    from mebt.runs import LIST_COLUMNS, format_table, list_runs
+
+    print(format_table(list_runs(args.tracking_uri, args.experiment, args.filter, args.max_runs), LIST_COLUMNS))
+
+
+def cmd_runs_compare(args) -> None:
+    from mebt.runs import compare_runs
+
+    result = compare_runs(args.tracking_uri, args.experiment, args.metric or ["train/loss"], args.filter,
+                          args.max_runs, args.plot)
+    print(result["table"])
+    if result["plot"]:
+        print(f"plot: {result['plot']}")
+
+
 def cmd_data_synth_codes(args) -> None:
     from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
     from data_pipeline.synthetic_codes import SyntheticCodesConfig
@@ -248,6 +292,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     add_config_args(p, "YAML config file (see configs/)")
     p.set_defaults(func=cmd_launch_local)
+
+    p = sub.add_parser("eval", help="sample, decode and score a checkpoint (FVD/KVD), or watch a run",
+                       description="Sample videos from a checkpoint (exported model file, run dir or DeepSpeed "
+                                   "checkpoint), decode them with the tokenizer, score them with FVD/KVD against "
+                                   "real clips (with --i3d and --real-dir), write report.json and an MP4/GIF grid, "
+                                   "and log eval/* metrics into the training's MLflow run. Resumable. "
+                                   "Sampling: --preset NAME and/or KEY=VALUE overrides (e.g. steps=8).")
+    p.add_argument("--checkpoint", help="model file, run dir, checkpoints dir or checkpoints/global_stepN")
+    p.add_argument("--watch", metavar="RUN_DIR", help="evaluate each new checkpoint of RUN_DIR once, until stopped")
+    p.add_argument("--preset", help="published sampling settings: sky_16f, taichi_16f, ucf_16f, sky_128f, ...")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling overrides, e.g. steps=8")
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--frames", type=int, help="score the first F frames (e.g. 16 of a 128-frame model)")
+    p.add_argument("--tokenizer", help="VQGAN checkpoint (default: the run's train.tokenizer)")
+    p.add_argument("--i3d", help="i3d_pretrained_400.pt (Kinetics-400 I3D); without it no FVD/KVD")
+    p.add_argument("--real-dir", help="real videos (with train.txt/test.txt) for the reference statistics")
+    p.add_argument("--real-split", default="test")
+    p.add_argument("--num-real", type=int, default=256, help="real clips (published FVD16: 2048)")
+    p.add_argument("--protocol", choices=["float64", "tats"], default="float64",
+                   help="float64: biased covariance, scipy-style sqrtm (StyleGAN-V); tats: as TATS/MeBT reported")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-index", type=int, default=0, help="this process's slice of the sample batches")
+    p.add_argument("--num-shards", type=int, default=1, help="processes sharing the sampling")
+    p.add_argument("--out", help="output dir (default RUN_DIR/eval/global_stepN)")
+    p.add_argument("--cache-dir", help="real-feature cache (default ~/.cache/mebt/real_features)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log into the training's MLflow run")
+    p.add_argument("--poll-s", type=float, default=30.0, help="--watch: seconds between looks")
+    p.add_argument("--max-evals", type=int, help="--watch: stop after this many evaluations")
+    p.set_defaults(func=cmd_eval)
+
+    runs = sub.add_parser("runs", help="list and compare MLflow runs",
+                          description="Experiment comparison over an MLflow tracking store (--tracking-uri, else "
+                                      "MLFLOW_TRACKING_URI; a run dir means its sqlite store).").add_subparsers(
+        dest="runs_command", required=True, metavar="ACTION")
+    for name, func, text in (("list", cmd_runs_list, "runs with status, duration, last step and key metrics"),
+                             ("compare", cmd_runs_compare, "the params that differ, best and last metrics, a plot")):
+        p = runs.add_parser(name, help=text, description=text + ".")
+        p.add_argument("--tracking-uri", help="MLflow URI (http://..., sqlite:///...) or a run dir")
+        p.add_argument("--experiment", required=name == "compare", help="experiment name")
+        p.add_argument("--filter", help="MLflow search filter, e.g. \"params.`optim.lr` = '0.001'\"")
+        p.add_argument("--max-runs", type=int, default=50 if name == "compare" else 100)
+        if name == "compare":
+            p.add_argument("--metric", action="append", help="metric to compare (repeatable; default train/loss)")
+            p.add_argument("--plot", help="write a PNG of the metrics against step")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="consolidate a training checkpoint into one fp32 model file",
                        description="Turn a DeepSpeed checkpoint (ZeRO 0-3) of `mebt train` into one fp32 model file "

@@ -55,7 +55,8 @@ def save(engine, run_dir: Path, step: int, loader, generator: torch.Generator, c
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     barrier()
     if engine.global_rank == 0:
-        meta = {"step": step, "config": to_dict(cfg), "world_size": len(gathered)}
+        meta = {"step": step, "config": to_dict(cfg), "world_size": len(gathered),
+                "mlflow_run_id": client.get("mlflow_run_id")}
         atomic_write_bytes(ckpt_dir / tag / META, json.dumps(meta, indent=2).encode())
         atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
         _prune(ckpt_dir, keep_last, keep=tag)
@@ -105,11 +106,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
                           "global_stepN dir written by mebt train)")
 
 
-def export(checkpoint: str | Path, out: str | Path) -> dict:
-    """Consolidate a ZeRO 0-3 checkpoint into one fp32 mebt model file (loads with ``load_model``).
+def consolidated_model(checkpoint: str | Path):
+    """(fp32 MeBT, checkpoint meta, tag dir) from a run dir, its checkpoints dir or a tag dir; ZeRO 0-3.
 
     DeepSpeed's checkpoint files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed's own
-    consolidation): only export checkpoints you wrote or trust. The output is weights-only loadable.
+    consolidation): only load checkpoints you wrote or trust.
     """
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt_dir / tag / META).read_text())
@@ -126,7 +127,16 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
         raise CheckpointError(f"cannot consolidate '{ckpt_dir / tag}': {first_line(e)}") from None
     prefix = "model."
     weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
-    model = model_from_state_dict(cfg, weights, f"checkpoint '{ckpt_dir / tag}'")
-    save_model(model, out, extra={"step": meta["step"], "source": str(ckpt_dir / tag),
+    return model_from_state_dict(cfg, weights, f"checkpoint '{ckpt_dir / tag}'"), meta, ckpt_dir / tag
+
+
+def export(checkpoint: str | Path, out: str | Path) -> dict:
+    """Consolidate a ZeRO 0-3 checkpoint into one fp32 mebt model file (loads with ``load_model``).
+
+    The output is weights-only loadable; reading the checkpoint unpickles DeepSpeed's files (see
+    ``consolidated_model``).
+    """
+    model, meta, tag_dir = consolidated_model(checkpoint)
+    save_model(model, out, extra={"step": meta["step"], "source": str(tag_dir),
                                   "run_config": json.dumps(meta["config"])})
-    return {"out": str(out), "step": meta["step"], "params": model.num_params(), "tag": tag}
+    return {"out": str(out), "step": meta["step"], "params": model.num_params(), "tag": tag_dir.name}

@@ -1,0 +1,218 @@
+"""The Inception-v1 I3D network (Carreira & Zisserman, Kinetics-400, RGB) that FVD and KVD are measured with.
+
+This is the network of the widely used PyTorch port whose weights ship as ``i3d_pretrained_400.pt``
+(the file TATS and MeBT evaluate with). Module names and shapes match that file exactly (see
+``shared/reference/i3d_kinetics400_state_dict.tsv``), so ``load_i3d`` loads it strictly. Numerics follow
+the port: TensorFlow "SAME" zero padding computed from each input's size, BatchNorm eps 1e-5, ReLU after
+every unit, and the feature is the 400-d pre-softmax logits averaged over the remaining time steps.
+
+Input pipeline (``preprocess``): uint8 videos [B, T, H, W, C] -> every frame bilinearly resized to
+224x224 (align_corners=False) -> [-1, 1] -> [B, 3, T, 224, 224]. The network needs T >= 9 frames: the
+final AvgPool3d spans 2 time steps and time is halved (rounding up) three times before it.
+The weights are not on any package registry and are never downloaded: the user supplies the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mebt.checkpoint import CheckpointError, check_state_dict, load_tensors_file
+from mebt.config import UserError
+from mebt.media import to_uint8
+
+WEIGHTS_NAME = "i3d_pretrained_400.pt"
+RESOLUTION = 224
+MIN_FRAMES = 9  # T -> ceil(T/2) (Conv3d_1a) -> ceil(/2) (MaxPool3d_4a) -> ceil(/2) (MaxPool3d_5a) must reach 2
+
+
+class I3DInputError(UserError):
+    """Videos the I3D feature extractor cannot score (wrong layout, dtype or too few frames)."""
+
+
+def same_padding(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    """F.pad argument for TensorFlow "SAME" padding of an input with spatial ``size`` (T, H, W).
+
+    The total pad makes the output ceil(size / stride); when it is odd the extra pixel goes at the end,
+    as TensorFlow does. F.pad lists the last dimension first, so the result runs (W, H, T).
+    """
+    pads = []
+    for n, k, s in zip(size, kernel, stride):
+        total = max(k - (s if n % s == 0 else n % s), 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(p for pair in reversed(pads) for p in pair)
+
+
+class Unit3D(nn.Module):
+    """Conv3d ("SAME" padding, no bias) -> BatchNorm -> ReLU; the ``logits`` unit is a plain biased conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel=(1, 1, 1), stride=(1, 1, 1), logits: bool = False):
+        super().__init__()
+        self.kernel, self.stride, self.logits = tuple(kernel), tuple(stride), logits
+        self.conv3d = nn.Conv3d(in_ch, out_ch, self.kernel, self.stride, padding=0, bias=logits)
+        if not logits:
+            self.bn = nn.BatchNorm3d(out_ch, eps=1e-5, momentum=0.01)
+
+    def forward(self, x):
+        x = self.conv3d(F.pad(x, same_padding(x.shape[2:], self.kernel, self.stride)))
+        return x if self.logits else F.relu(self.bn(x))
+
+
+class MaxPool3dSame(nn.Module):
+    """MaxPool3d with "SAME" zero padding. Zeros (not -inf) as in the port; inputs follow a ReLU, so >= 0."""
+
+    def __init__(self, kernel, stride):
+        super().__init__()
+        self.kernel, self.stride = tuple(kernel), tuple(stride)
+
+    def forward(self, x):
+        return F.max_pool3d(F.pad(x, same_padding(x.shape[2:], self.kernel, self.stride)), self.kernel, self.stride)
+
+
+class InceptionModule(nn.Module):
+    """Four parallel branches concatenated on channels: 1x1 | 1x1->3x3 | 1x1->3x3 | 3x3 maxpool->1x1.
+
+    ``out`` = (b0, b1a, b1b, b2a, b2b, b3b) channel counts; the names are those of the weights file.
+    """
+
+    def __init__(self, in_ch: int, out: tuple[int, int, int, int, int, int]):
+        super().__init__()
+        self.b0 = Unit3D(in_ch, out[0])
+        self.b1a = Unit3D(in_ch, out[1])
+        self.b1b = Unit3D(out[1], out[2], kernel=(3, 3, 3))
+        self.b2a = Unit3D(in_ch, out[3])
+        self.b2b = Unit3D(out[3], out[4], kernel=(3, 3, 3))
+        self.b3a = MaxPool3dSame((3, 3, 3), (1, 1, 1))
+        self.b3b = Unit3D(in_ch, out[5])
+        self.out_channels = out[0] + out[2] + out[4] + out[5]
+
+    def forward(self, x):
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], dim=1)
+
+
+class InceptionI3d(nn.Module):
+    """I3D up to the ``logits`` unit; ``features(x)`` gives the [B, num_classes] logits averaged over time."""
+
+    # (name, kind, arguments) in forward order; Mixed arguments are (in_channels, branch widths).
+    LAYERS = [
+        ("Conv3d_1a_7x7", "conv", (3, 64, (7, 7, 7), (2, 2, 2))),
+        ("MaxPool3d_2a_3x3", "pool", ((1, 3, 3), (1, 2, 2))),
+        ("Conv3d_2b_1x1", "conv", (64, 64, (1, 1, 1), (1, 1, 1))),
+        ("Conv3d_2c_3x3", "conv", (64, 192, (3, 3, 3), (1, 1, 1))),
+        ("MaxPool3d_3a_3x3", "pool", ((1, 3, 3), (1, 2, 2))),
+        ("Mixed_3b", "mixed", (192, (64, 96, 128, 16, 32, 32))),
+        ("Mixed_3c", "mixed", (256, (128, 128, 192, 32, 96, 64))),
+        ("MaxPool3d_4a_3x3", "pool", ((3, 3, 3), (2, 2, 2))),
+        ("Mixed_4b", "mixed", (480, (192, 96, 208, 16, 48, 64))),
+        ("Mixed_4c", "mixed", (512, (160, 112, 224, 24, 64, 64))),
+        ("Mixed_4d", "mixed", (512, (128, 128, 256, 24, 64, 64))),
+        ("Mixed_4e", "mixed", (512, (112, 144, 288, 32, 64, 64))),
+        ("Mixed_4f", "mixed", (528, (256, 160, 320, 32, 128, 128))),
+        ("MaxPool3d_5a_2x2", "pool", ((2, 2, 2), (2, 2, 2))),
+        ("Mixed_5b", "mixed", (832, (256, 160, 320, 32, 128, 128))),
+        ("Mixed_5c", "mixed", (832, (384, 192, 384, 48, 128, 128))),
+    ]
+
+    def __init__(self, num_classes: int = 400, in_channels: int = 3):
+        super().__init__()
+        self.end_points = []
+        for name, kind, args in self.LAYERS:
+            if kind == "conv":
+                in_ch = in_channels if name == "Conv3d_1a_7x7" else args[0]
+                layer = Unit3D(in_ch, args[1], kernel=args[2], stride=args[3])
+            elif kind == "pool":
+                layer = MaxPool3dSame(*args)
+            else:
+                layer = InceptionModule(*args)
+            self.add_module(name, layer)
+            self.end_points.append(name)
+        # 1024 channels at 7x7 for a 224x224 input; the pool leaves T_final - 1 time steps.
+        self.avg_pool = nn.AvgPool3d(kernel_size=(2, 7, 7), stride=(1, 1, 1))
+        self.dropout = nn.Dropout(0.5)  # identity in eval mode, kept so train() behaves like the port
+        self.logits = Unit3D(1024, num_classes, logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] in [-1, 1] -> per-time-step logits [B, num_classes, T_out]."""
+        for name in self.end_points:
+            x = getattr(self, name)(x)
+        x = self.logits(self.dropout(self.avg_pool(x)))
+        return x.squeeze(4).squeeze(3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, 224, 224] in [-1, 1] -> [B, num_classes] logits averaged over the remaining time."""
+        # 224x224 leaves exactly 1x1 after the 7x7 pool, so the logits are one vector per time step.
+        if x.dim() != 5 or x.shape[2] < MIN_FRAMES or tuple(x.shape[3:]) != (RESOLUTION, RESOLUTION):
+            raise I3DInputError(f"I3D needs videos [B, C, T, {RESOLUTION}, {RESOLUTION}] with T >= {MIN_FRAMES} "
+                                f"frames, got shape {list(x.shape)}")
+        return self.forward(x).mean(dim=2)
+
+
+def expected_shapes(model: nn.Module, found: dict) -> dict[str, tuple]:
+    """The model's keys and shapes; ``num_batches_tracked`` only where the file has it (converted files omit it)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not k.endswith(".num_batches_tracked") or k in found}
+
+
+def load_i3d(path: str | Path, map_location="cpu") -> InceptionI3d:
+    """InceptionI3d holding the weights of the plain state dict at ``path``, in eval mode (strict keys/shapes)."""
+    what = f"I3D weights file '{path}'"
+    # A plain state dict holds only tensors: weights_only never needs to be relaxed for it.
+    state = load_tensors_file(path, "I3D weights file", f": FVD/KVD need the Kinetics-400 I3D weights "
+                              f"'{WEIGHTS_NAME}', which must be supplied by the user (they are not downloaded "
+                              "and not on any package registry)", f"a state dict like '{WEIGHTS_NAME}'", map_location)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} holds a {type(state).__name__}, not a state dict like '{WEIGHTS_NAME}'")
+    model = InceptionI3d()
+    check_state_dict(state, expected_shapes(model, state), what, f" (expected the layout of '{WEIGHTS_NAME}')")
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert all(k.endswith(".num_batches_tracked") for k in missing), missing  # checked above
+    return model.eval()
+
+
+def from_decoded(videos: torch.Tensor) -> torch.Tensor:
+    """Tokenizer output [B, C, T, H, W] float in [-0.5, 0.5] -> uint8 [B, T, H, W, 3].
+
+    Clamped and rounded by ``mebt.media.to_uint8``, the very conversion that writes sample videos, so
+    FVD scores exactly the pixels a saved video holds.
+    """
+    return torch.from_numpy(to_uint8(videos))
+
+
+def preprocess(videos: torch.Tensor | np.ndarray, resolution: int = RESOLUTION) -> torch.Tensor:
+    """uint8 videos [B, T, H, W, C] -> float [B, C, T, 224, 224] in [-1, 1] (bilinear, align_corners=False).
+
+    Frames are resized straight to 224x224. TATS instead scales the shorter side to 224 and centre-crops;
+    for square videos (all datasets here) the two are the same.
+    """
+    videos = torch.as_tensor(videos)
+    if videos.dim() != 5 or videos.dtype != torch.uint8 or videos.shape[-1] != 3:
+        raise I3DInputError(f"expected uint8 videos [B, T, H, W, 3], got {videos.dtype} {list(videos.shape)} "
+                            "(convert tokenizer output with from_decoded)")
+    b, t, h, w, c = videos.shape
+    # Same order of float operations as TATS (scale to [0, 1], resize, shift, double), so same rounding.
+    x = videos.reshape(b * t, h, w, c).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    x = (x - 0.5) * 2.0
+    return x.reshape(b, t, c, resolution, resolution).permute(0, 2, 1, 3, 4).contiguous()
+
+
+@torch.no_grad()
+def i3d_features(model: InceptionI3d, videos: torch.Tensor | np.ndarray, batch_size: int = 8,
+                 device: str | torch.device | None = None) -> np.ndarray:
+    """uint8 videos [N, T, H, W, 3] -> I3D logits [N, 400] float64, ``batch_size`` videos at a time.
+
+    Videos are resized one batch at a time, so N long 224x224 float copies never exist at once.
+    ``device`` defaults to the model's device.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    out = []
+    for start in range(0, len(videos), batch_size):
+        x = preprocess(videos[start:start + batch_size]).to(device)
+        out.append(model.features(x).double().cpu().numpy())
+    if not out:
+        raise I3DInputError("i3d_features got no videos")
+    return np.concatenate(out)

@@ -1,0 +1,165 @@
+"""`mebt eval` end to end: a tiny trained run, a random-weight I3D in the standard layout, real synthetic
+videos: samples, FVD/KVD, report, grid, MLflow metrics at the checkpoint's step, resume and --watch."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
+from data_pipeline.synthetic_codes import SyntheticCodesConfig
+from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
+from mebt.vqgan import VQGAN, VQGANConfig
+from mebt.vqgan_checkpoint import save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = (4, 4, 4)   # with a 4x4x4 tokenizer: 16 frames at 16x16, the fewest frames FVD16 takes
+
+
+def fake_i3d(path: Path) -> Path:
+    """Random weights in exactly the layout of i3d_pretrained_400.pt (without num_batches_tracked)."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for line in (ROOT / "tests" / "data" / "i3d_kinetics400_state_dict.tsv").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _ = line.split("\t")
+        if key.endswith("num_batches_tracked"):
+            continue
+        shape = json.loads(shape)
+        if key.endswith("running_var"):
+            state[key] = torch.ones(shape)
+        elif key.endswith("running_mean") or key.endswith(".bias"):
+            state[key] = torch.zeros(shape)
+        elif key.endswith("bn.weight"):
+            state[key] = torch.ones(shape)
+        else:
+            fan_in = max(1, int(np.prod(shape[1:])))
+            state[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    codes = root / "codes"
+    write_code_dataset(codes, CodeDatasetConfig(codes=SyntheticCodesConfig(num_samples=64, sizes=(1, 2)), grid=GRID,
+                                                vocab_size=8, shard_size=32), progress=False)
+    torch.manual_seed(0)
+    tokenizer = root / "vqgan.ckpt"
+    save_tokenizer(VQGAN(VQGANConfig(embedding_dim=8, n_codes=8, n_hiddens=4, downsample=(4, 4, 4), num_groups=4)),
+                   tokenizer)
+    videos = root / "videos"
+    write_synthetic_dataset(videos, SynthConfig(num_videos=6, frames=20, resolution=24, test_fraction=0.5),
+                            progress=False)
+    run_dir = root / "run"
+    args = [f"data.data_dir={codes}", "data.batch_size=4", f"train.run_dir={run_dir}", "train.steps=4",
+            "train.ckpt_every=2", "train.log_every=2", f"model.latent_shape=[{','.join(map(str, GRID))}]",
+            "model.vocab_size=8", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_latent=8",
+            "sampling.steps=2", "train.num_samples=1", f"train.tokenizer={tokenizer}"]
+    done = subprocess.run([sys.executable, "-m", "mebt.cli", "train", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"run_dir": run_dir, "tokenizer": tokenizer, "videos": videos, "i3d": fake_i3d(root / "i3d.pt"),
+            "cache": root / "cache", "run_id": json.loads(done.stdout.strip().splitlines()[-1])["mlflow_run_id"]}
+
+
+def mebt_eval(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mebt.cli", "eval", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained):
+    run_dir = trained["run_dir"]
+    args = ["--checkpoint", run_dir, "--num-samples", 6, "--batch-size", 4, "--i3d", trained["i3d"],
+            "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 6, "--cache-dir",
+            trained["cache"], "steps=2"]
+    start = time.monotonic()
+    done = mebt_eval(*args)
+    first_seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = run_dir / "eval" / "global_step4"
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["step"] == 4 and report["num_samples"] == 6
+    assert set(report["metrics"]) == {"fvd16", "kvd16"} and report["metrics"]["fvd16"] > 0
+    assert report["protocol"]["generated"] == 6 and report["protocol"]["real"] == 6
+    assert report["protocol"]["covariance"].startswith("biased") and report["mlflow"] is None
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["batch_00000.npz", "batch_00001.npz"]
+    videos = np.concatenate([np.load(p)["video"] for p in sorted((out / "samples").iterdir())])
+    assert videos.shape == (6, 16, 16, 16, 3) and videos.dtype == np.uint8
+    assert all((out / name).stat().st_size > 0 for name in ("samples_grid.mp4", "samples_grid.gif"))
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    history = client.get_metric_history(trained["run_id"], "eval/fvd16")
+    assert [(m.step, m.value) for m in history] == [(4, pytest.approx(report["metrics"]["fvd16"]))]
+    # Again: the samples and the real features are on disk, so nothing is sampled or recomputed and the
+    # numbers repeat (an interrupted evaluation resumes the same way, batch by batch).
+    stamps = {p: p.stat().st_mtime_ns for p in [*(out / "samples").iterdir(), *trained["cache"].iterdir()]}
+    start = time.monotonic()
+    again = mebt_eval(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(list(trained["cache"].iterdir())) == 2
+    print(f"first evaluation {first_seconds:.1f} s, repeated {time.monotonic() - start:.1f} s")
+
+
+def test_runs_compare_shows_the_eval_metric_next_to_the_loss(trained, tmp_path):
+    # Runs after the scoring test: the training run now has eval/fvd16 at step 4.
+    plot = tmp_path / "compare.png"
+    done = subprocess.run([sys.executable, "-m", "mebt.cli", "runs", "compare", "--tracking-uri",
+                           str(trained["run_dir"]), "--experiment", "mebt", "--metric", "train/loss", "--metric",
+                           "eval/fvd16", "--plot", str(plot)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "eval/fvd16 best" in done.stdout and "@4" in done.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = subprocess.run([sys.executable, "-m", "mebt.cli", "runs", "list", "--tracking-uri",
+                             str(trained["run_dir"])], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert listed.returncode == 0 and trained["run_id"][:8] in listed.stdout, listed.stderr[-2000:]
+
+
+def test_eval_of_an_exported_model_without_i3d_reports_the_skip(trained, tmp_path):
+    model = tmp_path / "model.pt"
+    assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", trained["run_dir"], model],
+                          capture_output=True, cwd=ROOT).returncode == 0
+    done = mebt_eval("--checkpoint", model, "--tokenizer", trained["tokenizer"], "--num-samples", 3, "--preset",
+                     "sky_16f", "steps=2", "n_revise=0", "revise_rounds=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((Path(str(model) + ".eval") / "report.json").read_text())
+    assert report["metrics"] == {} and "no I3D weights" in report["note"] and report["sampling"]["ctemp"] == 8.0
+
+
+def watcher(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mebt.cli", "eval", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_watch_evaluates_each_checkpoint_once(trained, tmp_path):
+    run_dir = trained["run_dir"]
+    base = ["--watch", run_dir, "--num-samples", 2, "--batch-size", 2, "--poll-s", 0.5, "steps=2", "--no-mlflow"]
+    proc = watcher(base)
+    deadline = time.monotonic() + 300
+    while not all((run_dir / "eval" / tag / "report.json").exists() for tag in ("global_step2", "global_step4")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    # Every checkpoint has its marker now: a new watcher only polls until it is told to stop.
+    proc = watcher(base)
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "evaluated 0 checkpoint(s)" in out, err[-2000:]
+
+
+def test_eval_errors_are_one_line(trained, tmp_path):
+    done = mebt_eval("--checkpoint", trained["run_dir"], "--i3d", tmp_path / "i3d_pretrained_400.pt",
+                     "--real-dir", trained["videos"], "--num-samples", 2)
+    assert done.returncode == 2 and "i3d_pretrained_400.pt" in done.stderr.strip().splitlines()[-1]
+    done = mebt_eval("--checkpoint", tmp_path / "nothing")
+    assert done.returncode == 2 and "no mebt training checkpoint" in done.stderr.strip().splitlines()[-1]
