@@ -224,18 +224,19 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     return {**info, "job": job}
 
 
-class PreprocessTask:
-    """One slice of `mebt preprocess` (the array index picks the slice)."""
+class CliTask:
+    """A `mebt` subcommand as a submitit task; ``shard_flags`` appends this task's slice of the work."""
 
-    def __init__(self, args: list[str], num_tasks: int):
-        self.args, self.num_tasks = list(args), num_tasks
+    def __init__(self, command: str, args: list[str], shard_flags: tuple[str, str] | None = None):
+        self.command, self.args, self.shard_flags = command, list(args), shard_flags
 
-    def __call__(self, index: int) -> int:
+    def __call__(self, index: int | None = None, count: int | None = None) -> int:
         from mebt.cli import main
 
-        code = main(["preprocess", *self.args, "--task-index", str(index), "--num-tasks", str(self.num_tasks)])
+        extra = [self.shard_flags[0], str(index), self.shard_flags[1], str(count)] if self.shard_flags else []
+        code = main([self.command, *self.args, *extra])
         if code:
-            raise RuntimeError(f"mebt preprocess task {index}/{self.num_tasks} failed with exit code {code}")
+            raise RuntimeError(f"mebt {self.command} {' '.join(extra)} failed with exit code {code}")
         return code
 
 
@@ -259,8 +260,9 @@ def submit_preprocess(args: list[str], num_tasks: int, slurm: SlurmConfig, dry_r
         return None
     if not local:
         check_cluster(slurm)
-    jobs = executor(slurm, folder, local, array=num_tasks).map_array(PreprocessTask(args, num_tasks),
-                                                                     list(range(num_tasks)))
+    task = CliTask("preprocess", args, ("--task-index", "--num-tasks"))
+    jobs = executor(slurm, folder, local, array=num_tasks).map_array(task, list(range(num_tasks)),
+                                                                     [num_tasks] * num_tasks)
     info = record(out, jobs[0], "preprocess", slurm, sys.argv)
     _announce(info, out, f", {num_tasks} array tasks; the last one merges the manifest")
     return {**info, "jobs": jobs}
@@ -292,9 +294,33 @@ def status(run_dir: str | Path, lines: int = 15) -> dict:
         report["last_logged"] = json.loads(last) if last else None
         latest = run_dir / "checkpoints" / "latest"
         report["checkpoint"] = latest.read_text().strip() if latest.is_file() else None
-    else:
+    elif info["kind"] == "preprocess":
         dataset = run_dir / "dataset.json"
         report["dataset"] = json.loads(dataset.read_text()).get("counts") if dataset.is_file() else None
+    else:
+        report["reports"] = ", ".join(str(p) for p in sorted(run_dir.rglob("report.json"))) or None
     report["stdout_tail"] = _tail(info["stdout"], lines)
     report["stderr_tail"] = _tail(info["stderr"], lines)
     return report
+
+
+def submit_eval(args: list[str], slurm: SlurmConfig, dry_run: bool = False, local: bool = False) -> dict | None:
+    """The offline evaluator as its own job (e.g. ``--watch RUN_DIR`` beside a training job)."""
+    from mebt.cli import build_parser
+
+    parsed = build_parser().parse_args(["eval", *args])
+    target = parsed.watch or parsed.checkpoint
+    if not target or not Path(target).exists():
+        raise UserError("mebt launch slurm eval needs an existing --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
+    out = Path(parsed.out).resolve() if parsed.out else Path(target).resolve() / "eval" \
+        if Path(target).is_dir() else Path(str(target) + ".eval").resolve()
+    folder = out / "slurm"
+    if dry_run:
+        print(sbatch_script(slurm, folder))
+        return None
+    if not local:
+        check_cluster(slurm)
+    job = executor(slurm, folder, local).submit(CliTask("eval", args))
+    info = record(out, job, "eval", slurm, sys.argv)
+    _announce(info, out)
+    return {**info, "job": job}

@@ -67,11 +67,18 @@ def cmd_launch_slurm_preprocess(args) -> None:
                       local=args.local)
 
 
+def cmd_launch_slurm_eval(args) -> None:
+    from launchers.slurm import submit_eval
+
+    eval_args = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
+    submit_eval(eval_args, _slurm_config(args), dry_run=args.dry_run, local=args.local)
+
+
 def cmd_launch_status(args) -> None:
     from launchers.slurm import status
 
     report = status(args.run_dir, lines=args.lines)
-    for key in ("job_id", "kind", "state", "checkpoint", "last_logged", "dataset"):
+    for key in ("job_id", "kind", "state", "checkpoint", "last_logged", "dataset", "reports"):
         if key in report:
             print(f"{key}: {json.dumps(report[key]) if isinstance(report[key], dict) else report[key]}")
     print(f"--- stdout (last {args.lines} lines)\n{report['stdout_tail']}\n--- stderr (last {args.lines} lines)\n"
@@ -278,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_slurm_args(p)
     p.add_argument("preprocess_args", nargs=argparse.REMAINDER, help="arguments of mebt preprocess")
     p.set_defaults(func=cmd_launch_slurm_preprocess)
+    p = slurm.add_parser("eval", help="mebt eval as its own job (e.g. --watch RUN_DIR beside training)",
+                         description="SLURM options first, then `--` and the `mebt eval` arguments, e.g. `mebt "
+                                     "launch slurm eval --gpus-per-node 1 -- --watch runs/ucf_16f --i3d "
+                                     "i3d_pretrained_400.pt --real-dir videos/ucf101 --preset ucf_16f`.")
+    add_slurm_args(p)
+    p.add_argument("eval_args", nargs=argparse.REMAINDER, help="arguments of mebt eval")
+    p.set_defaults(func=cmd_launch_slurm_eval)
     p = launch.add_parser("status", help="state, progress and log tail of a submitted job",
                           description="Reads RUN_DIR/launch.json (written at submission) and asks SLURM.")
     p.add_argument("run_dir", help="the run dir (training) or output dir (preprocessing) of the job")

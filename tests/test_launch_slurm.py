@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.test_engine import overrides, trace
+from tests.test_evaluate import trained  # noqa: F401  (fixture)
 from tests.test_preprocess import data  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,3 +182,18 @@ def test_requeue_limit_ends_the_job_with_a_clear_message(codes_dir, slurm_env, t
     assert stopped != "global_step400" and len(trace(run_dir, 0)) == int(stopped.removeprefix("global_step"))
     log = Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
     assert "not requeued (requeue limit reached); submit the same command again to resume" in log
+
+
+def test_evaluator_runs_as_its_own_job(trained, slurm_env, tmp_path):
+    model = tmp_path / "model.pt"
+    assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", str(trained["run_dir"]), str(model)],
+                          capture_output=True, cwd=ROOT).returncode == 0
+    done = launch(["slurm", "eval", "--time", "10", "--", "--checkpoint", str(model), "--tokenizer",
+                   str(trained["tokenizer"]), "--num-samples", "2", "--no-mlflow", "steps=2"], slurm_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(str(model) + ".eval")
+    wait_until_done(submitted_job(out), slurm_env)
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["num_samples"] == 2
+    status = launch(["status", str(out)], slurm_env)
+    assert status.returncode == 0 and "report.json" in status.stdout
