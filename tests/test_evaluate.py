@@ -98,6 +98,8 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained):
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
     history = client.get_metric_history(trained["run_id"], "eval/fvd16")
     assert [(m.step, m.value) for m in history] == [(4, pytest.approx(report["metrics"]["fvd16"]))]
+    assert {a.path for a in client.list_artifacts(trained["run_id"], "eval/global_step4")} == {
+        "eval/global_step4/samples_grid.mp4", "eval/global_step4/samples_grid.gif"}
     # Again: the samples and the real features are on disk, so nothing is sampled or recomputed and the
     # numbers repeat (an interrupted evaluation resumes the same way, batch by batch).
     stamps = {p: p.stat().st_mtime_ns for p in [*(out / "samples").iterdir(), *trained["cache"].iterdir()]}
@@ -132,6 +134,23 @@ def test_eval_of_an_exported_model_without_i3d_reports_the_skip(trained, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((Path(str(model) + ".eval") / "report.json").read_text())
     assert report["metrics"] == {} and "no I3D weights" in report["note"] and report["sampling"]["ctemp"] == 8.0
+
+
+def test_sharded_sampling_gives_the_samples_of_one_process(trained, tmp_path):
+    model = tmp_path / "model.pt"
+    assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", trained["run_dir"], model],
+                          capture_output=True, cwd=ROOT).returncode == 0
+    common = ["--checkpoint", model, "--tokenizer", trained["tokenizer"], "--num-samples", 5, "--batch-size", 2,
+              "steps=2"]
+    assert mebt_eval(*common, "--out", tmp_path / "one").returncode == 0
+    second = mebt_eval(*common, "--out", tmp_path / "two", "--num-shards", 2, "--shard-index", 1)
+    assert second.returncode == 0 and '"complete": false' in second.stdout, second.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["batch_00001.npz"]
+    first = mebt_eval(*common, "--out", tmp_path / "two", "--num-shards", 2, "--shard-index", 0)
+    assert first.returncode == 0 and '"complete": true' in first.stdout, first.stderr[-2000:]
+    for j in range(3):   # batches are seeded by their index: the same codes however the work was split
+        a, b = (np.load(tmp_path / d / "samples" / f"batch_{j:05d}.npz")["codes"] for d in ("one", "two"))
+        assert np.array_equal(a, b)
 
 
 def watcher(args) -> subprocess.Popen:
