@@ -12,8 +12,7 @@ install:
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 
 demo: install
-	$(PYTHON) -m mebt.cli data synth-codes runs/tiny-codes --grid 4 8 8 --vocab-size 8 --sizes 4 5
-	$(PYTHON) -m mebt.cli train --config configs/tiny.yaml
+	$(PYTHON) -m mebt.cli demo --out runs/demo
 
 # The tests need a real SLURM cluster (two emulated nodes on this machine, installed on first use) and
 # start their own MLflow server; the cluster is stopped afterwards whatever the result.
