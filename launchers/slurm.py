@@ -211,17 +211,25 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     make_loader(cfg.data, 0, slurm.world_size, expect_grid=tuple(cfg.model.latent_shape),
                 expect_vocab=cfg.model.vocab_size)
     run_dir = Path(cfg.train.run_dir).resolve()
-    folder = run_dir / "slurm"
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir}/mlflow.db"
+    return _queue(slurm, run_dir, "train", dry_run, local,
+                  lambda folder: [executor(slurm, folder, local).submit(TrainTask(config, overrides,
+                                                                                  slurm.max_requeues))],
+                  f", MLflow {uri} experiment '{cfg.mlflow.experiment}'" if cfg.mlflow.enabled else "")
+
+
+def _queue(slurm: SlurmConfig, out: Path, kind: str, dry_run: bool, local: bool, submit, note: str = "") -> dict | None:
+    """The sbatch script for a dry run; else check the cluster, ``submit(folder) -> jobs``, record, announce."""
+    folder = out / "slurm"
     if dry_run:
         print(sbatch_script(slurm, folder))
         return None
     if not local:
         check_cluster(slurm)
-    job = executor(slurm, folder, local).submit(TrainTask(config, overrides, slurm.max_requeues))
-    info = record(run_dir, job, "train", slurm, sys.argv)
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir}/mlflow.db"
-    _announce(info, run_dir, f", MLflow {uri} experiment '{cfg.mlflow.experiment}'" if cfg.mlflow.enabled else "")
-    return {**info, "job": job}
+    jobs = submit(folder)
+    info = record(out, jobs[0], kind, slurm, sys.argv)
+    _announce(info, out, note)
+    return {**info, "jobs": jobs}
 
 
 class CliTask:
@@ -253,19 +261,11 @@ def submit_preprocess(args: list[str], num_tasks: int, slurm: SlurmConfig, dry_r
         raise UserError("mebt launch slurm preprocess needs an existing INPUT_DIR and --tokenizer file")
     if num_tasks < 1:
         raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
-    out = Path(parsed.out).resolve()
-    folder = out / "slurm"
-    if dry_run:
-        print(sbatch_script(slurm, folder))
-        return None
-    if not local:
-        check_cluster(slurm)
     task = CliTask("preprocess", args, ("--task-index", "--num-tasks"))
-    jobs = executor(slurm, folder, local, array=num_tasks).map_array(task, list(range(num_tasks)),
-                                                                     [num_tasks] * num_tasks)
-    info = record(out, jobs[0], "preprocess", slurm, sys.argv)
-    _announce(info, out, f", {num_tasks} array tasks; the last one merges the manifest")
-    return {**info, "jobs": jobs}
+    return _queue(slurm, Path(parsed.out).resolve(), "preprocess", dry_run, local,
+                  lambda folder: executor(slurm, folder, local, array=num_tasks).map_array(
+                      task, list(range(num_tasks)), [num_tasks] * num_tasks),
+                  f", {num_tasks} array tasks; the last one merges the manifest")
 
 
 def _tail(path: str, lines: int) -> str:
@@ -314,13 +314,5 @@ def submit_eval(args: list[str], slurm: SlurmConfig, dry_run: bool = False, loca
         raise UserError("mebt launch slurm eval needs an existing --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
     out = Path(parsed.out).resolve() if parsed.out else Path(target).resolve() / "eval" \
         if Path(target).is_dir() else Path(str(target) + ".eval").resolve()
-    folder = out / "slurm"
-    if dry_run:
-        print(sbatch_script(slurm, folder))
-        return None
-    if not local:
-        check_cluster(slurm)
-    job = executor(slurm, folder, local).submit(CliTask("eval", args))
-    info = record(out, job, "eval", slurm, sys.argv)
-    _announce(info, out)
-    return {**info, "job": job}
+    return _queue(slurm, out, "eval", dry_run, local,
+                  lambda folder: [executor(slurm, folder, local).submit(CliTask("eval", args))])
