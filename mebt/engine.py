@@ -151,8 +151,8 @@ def train(cfg: RunConfig) -> dict:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id,
                       params=flatten(to_dict(cfg)), tags={"world_size": env.world_size, "launcher": env.source})
-    tracker.log_artifact(run_dir / "config.yaml") if main else None
-    tracker.log_artifact(run_dir / "deepspeed_config.json") if main else None
+    for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
+        tracker.log_artifact(run_dir / name)
     trace = _Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace)
     history = _Records(run_dir / "metrics.jsonl", state.step, main)
     if main:
