@@ -138,11 +138,13 @@ def rendezvous_from_submitit() -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the submitit job environment (SLURM or local executor)."""
     import submitit
 
+    from mebt.distributed import slurm_port
+
     env = submitit.JobEnvironment()
-    digits = re.sub(r"\D", "", str(env.job_id)) or "0"
+    digits = re.sub(r"\D", "", str(env.job_id)) or "0"   # array tasks are JOB_INDEX
     os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1",
-                      MASTER_PORT=str(15000 + int(digits[-9:]) % 20000))
+                      MASTER_PORT=str(slurm_port(digits)))
 
 
 class TrainTask:

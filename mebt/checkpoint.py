@@ -186,6 +186,11 @@ def read_model_file(path: str | Path, map_location="cpu") -> dict:
 
 def load_model(path: str | Path, map_location="cpu") -> MeBT:
     """Rebuild the ``MeBT`` saved by ``save_model`` (strict: every key and shape must match), in eval mode."""
+    return load_model_with_extras(path, map_location)[0]
+
+
+def load_model_with_extras(path: str | Path, map_location="cpu") -> tuple[MeBT, dict]:
+    """``load_model`` plus the file's other values (``extra`` of ``save_model``), reading the file once."""
     payload = read_model_file(path, map_location)
     try:
         cfg = from_dict(MeBTConfig, payload["config"])
@@ -193,4 +198,4 @@ def load_model(path: str | Path, map_location="cpu") -> MeBT:
         raise CheckpointError(f"model file '{path}' has an invalid config: {e}") from None
     model = model_from_state_dict(cfg, payload["state_dict"], f"model file '{path}'",
                                   " (it does not match its own config; was it edited by hand?)")
-    return model.eval()
+    return model.eval(), {k: v for k, v in payload.items() if k not in ("config", "state_dict")}

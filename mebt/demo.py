@@ -163,7 +163,7 @@ class Demo:
         """Real held-out clips, samples given their first latent frame, and unconditional samples, as grids."""
         from data_pipeline.video import ClipConfig, VideoClipDataset
         from mebt.checkpoint import load_model
-        from mebt.media import to_uint8, write_gif, write_mp4
+        from mebt.media import tile, to_uint8, write_gif, write_mp4
         from mebt.sampling import SamplingConfig, sample
         from mebt.vqgan_checkpoint import load_tokenizer
 
@@ -182,10 +182,9 @@ class Demo:
             conditional = sample(model, sampling, n, given_codes=codes, given_mask=first, generator=g)
             unconditional = sample(model, sampling, n, generator=g)
             videos = [to_uint8(tokenizer.decode(c.view(n, *shape))) for c in (conditional, unconditional)]
-        rows = [to_uint8(clips), *videos]
-        frames = rows[0].shape[1]
-        grid = np.concatenate([np.concatenate(list(r), axis=2) for r in rows], axis=1)   # rows x samples
-        grid = np.pad(grid, ((0, 0), (0, grid.shape[1] % 2), (0, grid.shape[2] % 2), (0, 0)))
+        rows = np.concatenate([to_uint8(clips), *videos])   # real, conditional, unconditional: n clips each
+        frames = rows.shape[1]
+        grid = tile(rows, ncols=n, pad=0)
         paths = [write_mp4(grid, self.out / "demo_grid.mp4"), write_gif(grid, self.out / "demo_grid.gif")]
         return {"grid": [str(p) for p in paths], "rows": ["real", "conditional (first 4 frames given)",
                                                           "unconditional"], "frames": frames, "samples": n}

@@ -204,7 +204,7 @@ def train(cfg: RunConfig) -> dict:
                 dist.all_reduce(sums)
             n, clips = window["steps"], window["steps"] * ds_config["train_batch_size"]
             record = {"step": state.step, "loss": sums[0].item() / n / env.world_size,
-                      "acc1": sums[1].item() / n / env.world_size, "lr": scheduler_lr(engine),
+                      "acc1": sums[1].item() / n / env.world_size, "lr": float(engine.get_lr()[0]),
                       "samples_per_s": clips / seconds, "tokens_per_s": clips * tokens / seconds,
                       "step_time_s": seconds / n, "data_wait_s": window["wait"] / n,
                       "peak_memory_mib": _peak_memory_mib(device)}
@@ -239,10 +239,6 @@ def train(cfg: RunConfig) -> dict:
     if main:
         print(json.dumps(result))
     return result
-
-
-def scheduler_lr(engine) -> float:
-    return float(engine.get_lr()[0])
 
 
 def _run_id(tracker: Tracker, main: bool) -> str | None:

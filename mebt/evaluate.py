@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mebt.checkpoint import file_sha256, load_model
+from mebt.checkpoint import file_sha256, load_model_with_extras
 from mebt.config import ConfigError, UserError
+from mebt.distributed import pick_device
 from mebt.media import tile, to_uint8, write_gif, write_mp4
 from mebt.sampling import SamplingConfig, sample
 
@@ -62,21 +63,15 @@ def load_for_eval(checkpoint: str | Path):
     """(model, info) from an exported model file or a training checkpoint (info: step, run config, run dir)."""
     path = Path(checkpoint)
     if path.is_file():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        run_config = json.loads(payload["run_config"]) if "run_config" in payload else None
-        return load_model(path), {"step": payload.get("step", 0), "config": run_config, "run_dir": None,
-                                  "mlflow_run_id": None, "tag": path.stem}
+        model, extras = load_model_with_extras(path)
+        run_config = json.loads(extras["run_config"]) if "run_config" in extras else None
+        return model, {"step": extras.get("step", 0), "config": run_config, "run_dir": None,
+                       "mlflow_run_id": None, "tag": path.stem}
     from mebt.train_checkpoint import consolidated_model
 
     model, meta, tag_dir = consolidated_model(path)
     return model, {"step": meta["step"], "config": meta["config"], "run_dir": tag_dir.parent.parent,
                    "mlflow_run_id": meta.get("mlflow_run_id"), "tag": tag_dir.name}
-
-
-def _device(name: str) -> torch.device:
-    from mebt.distributed import pick_device
-
-    return pick_device(name)
 
 
 def _batches(cfg: EvalConfig) -> list[int]:
@@ -204,7 +199,7 @@ def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     model, info = load_for_eval(cfg.checkpoint)
     model = model.to(device).eval()
     tokenizer_path = cfg.tokenizer or ((info["config"] or {}).get("train") or {}).get("tokenizer")

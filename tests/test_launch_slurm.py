@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_engine import overrides, trace
+from tests.test_engine import latest, overrides, steps_traced, trace, wait_for
 from tests.test_evaluate import trained  # noqa: F401  (fixture)
 from tests.test_preprocess import data  # noqa: F401  (fixture)
 
@@ -86,10 +86,8 @@ def test_signalled_job_requeues_and_resumes_into_the_same_mlflow_run(codes_dir, 
     done = launch(["slurm", "train", "--nodes", "2", "--time", "10", *args], slurm_env)
     assert done.returncode == 0, done.stderr[-3000:]
     job = submitted_job(run_dir)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "trace" / "rank0.jsonl").exists() or len(trace(run_dir, 0)) < 5:
-        assert time.monotonic() < deadline, launch(["status", str(run_dir)], slurm_env).stdout
-        time.sleep(0.2)
+    wait_for(lambda: steps_traced(run_dir) >= 5, lambda: launch(["status", str(run_dir)], slurm_env).stdout,
+             timeout=300)
     # What SLURM sends before a time limit (submitit asks for USR2): checkpoint, requeue, resume.
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm_env)
     wait_until_done(job, slurm_env, timeout=600)
@@ -158,11 +156,8 @@ def test_local_executor_runs_the_same_job_as_local_processes(codes_dir, tmp_path
                                                                                    **{"train.steps": 6})],
                   dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "latest").exists() or \
-            (run_dir / "checkpoints" / "latest").read_text() != "global_step6":
-        assert time.monotonic() < deadline, launch(["status", str(run_dir)], dict(os.environ)).stdout
-        time.sleep(0.2)
+    wait_for(lambda: latest(run_dir) == "global_step6",
+             lambda: launch(["status", str(run_dir)], dict(os.environ)).stdout, timeout=300)
     assert [len(trace(run_dir, r)) for r in (0, 1)] == [6, 6]
 
 
@@ -172,10 +167,8 @@ def test_requeue_limit_ends_the_job_with_a_clear_message(codes_dir, slurm_env, t
     done = launch(["slurm", "train", "--max-requeues", "0", "--time", "10", *args], slurm_env)
     assert done.returncode == 0, done.stderr[-3000:]
     job = submitted_job(run_dir)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "trace" / "rank0.jsonl").exists() or len(trace(run_dir, 0)) < 3:
-        assert time.monotonic() < deadline, launch(["status", str(run_dir)], slurm_env).stdout
-        time.sleep(0.2)
+    wait_for(lambda: steps_traced(run_dir) >= 3, lambda: launch(["status", str(run_dir)], slurm_env).stdout,
+             timeout=300)
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm_env)
     wait_until_done(job, slurm_env)
     stopped = (run_dir / "checkpoints" / "latest").read_text()
