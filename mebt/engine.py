@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 from tqdm import tqdm
@@ -162,13 +163,12 @@ def train(cfg: RunConfig) -> dict:
 
     # 4. The loop: one iteration is one optimizer step of grad_accum micro-batches.
     accum = ds_config["gradient_accumulation_steps"]
-    tokens = cfg.model.block_size
     peak = peak_flops_per_s(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
                                                                                      torch.float32))
     stop = StopRequest()
     stream = _stream(loader)
     bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", disable=not main)
-    window = {"loss": 0.0, "acc1": 0.0, "steps": 0, "wait": 0.0, "flops": 0.0}
+    window = {"loss": 0.0, "acc1": 0.0, "steps": 0, "wait": 0.0, "flops": 0.0, "tokens": 0.0}
     window_start = time.perf_counter()
     preempted = None
     last_loss = None
@@ -187,7 +187,9 @@ def train(cfg: RunConfig) -> dict:
             engine.step()
             losses.append(loss.item())
             window["acc1"] += metrics["acc1"] / accum
-            window["flops"] += mebt_train_flops(cfg.model, masks.ctx_idx.shape[1], masks.tgt_idx.shape[1]) * len(codes)
+            n_ctx, n_tgt = masks.ctx_idx.shape[1], masks.tgt_idx.shape[1]
+            window["flops"] += mebt_train_flops(cfg.model, n_ctx, n_tgt) * len(codes)
+            window["tokens"] += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
             trace.write({"step": state.step + 1, "loss": losses[-1], "keys": batch["key"]})
         state.step += 1
         last_loss = sum(losses) / accum
@@ -197,15 +199,15 @@ def train(cfg: RunConfig) -> dict:
 
         if state.step % tc.log_every == 0 or state.step == tc.steps:
             seconds = time.perf_counter() - window_start
-            sums = torch.tensor([window["loss"], window["acc1"], window["flops"]], dtype=torch.float64)
+            # On the training device: nccl reduces only CUDA tensors.
+            sums = torch.tensor([window["loss"], window["acc1"], window["flops"], window["tokens"]],
+                                dtype=torch.float64, device=device)
             if env.world_size > 1:
-                import torch.distributed as dist
-
                 dist.all_reduce(sums)
             n, clips = window["steps"], window["steps"] * ds_config["train_batch_size"]
             record = {"step": state.step, "loss": sums[0].item() / n / env.world_size,
                       "acc1": sums[1].item() / n / env.world_size, "lr": float(engine.get_lr()[0]),
-                      "samples_per_s": clips / seconds, "tokens_per_s": clips * tokens / seconds,
+                      "samples_per_s": clips / seconds, "tokens_per_s": sums[3].item() / seconds,
                       "step_time_s": seconds / n, "data_wait_s": window["wait"] / n,
                       "peak_memory_mib": _peak_memory_mib(device)}
             achieved = mfu(sums[2].item() / seconds / env.world_size, peak)
