@@ -188,7 +188,7 @@ def cmd_data_synth(args) -> None:
     from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
 
     cfg = SynthConfig(num_videos=args.num_videos, frames=args.frames, resolution=args.resolution, fps=args.fps,
-                      max_shapes=args.max_shapes, test_fraction=args.test_fraction, seed=args.seed)
+                      max_shapes=args.max_shapes, palette=args.palette, test_fraction=args.test_fraction, seed=args.seed)
     result = write_synthetic_dataset(args.out, cfg)
     print(f"{result['out_dir']}: {result['written']} videos written, {result['skipped']} already there; "
           f"train {result['train']}, test {result['test']}")
@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--max-shapes", type=int, default=3)
+    p.add_argument("--palette", type=int, default=0,
+                   help="0: any color; K: K fixed shape colors and K plain background colors (easier to tokenize)")
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)

@@ -10,7 +10,8 @@ Stages (each resumable; a finished one is recorded in ``OUT/demo.json`` and skip
 5. ``export``     one fp32 model file, ``mebt export``
 6. ``samples``    unconditional samples and samples conditioned on the first latent frame of held-out
                   clips, decoded; ``OUT/demo_grid.mp4|gif``: real clips / conditional / unconditional rows
-7. ``eval``       FVD/KVD with ``--i3d`` (``mebt eval``); without the weights it says so
+7. ``eval``       held-out masked-token loss/accuracy and code statistics of samples, FVD/KVD with ``--i3d``
+                  (without the weights it says so), next to the same numbers for training clips; into MLflow
 
 The defaults are sized for a 2-core CPU; ``quick`` shrinks every budget for tests.
 """
@@ -27,17 +28,22 @@ import torch
 
 from mebt.config import UserError, load_config
 
+# MaskGIT settings for the demo's samples (logged with the run; `mebt eval` takes the same as overrides).
+SAMPLING = {"steps": 32, "ctemp": 8.0, "n_revise": 4, "revise_rounds": 4, "revise_temperature": 0.5}
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "samples", "eval")
 
 
 @dataclass
 class DemoConfig:
     out_dir: str = "runs/demo"
-    num_videos: int = 96
-    frames: int = 16                # per synthetic video; clips are 8 frames
+    num_videos: int = 192
+    frames: int = 16                # per synthetic video
+    clip_frames: int = 8            # per training clip; the tokenizer maps them to 4 latent frames
+    codebook: int = 128             # tokenizer codes
     resolution: int = 32
-    tokenizer_steps: int = 1200
-    mebt_steps: int = 1500
+    palette: int = 6                # SynthConfig.palette: few colors, so a tokenizer trained in minutes is crisp
+    tokenizer_steps: int = 1000
+    mebt_steps: int = 1800
     nproc: int = 0                  # 0: 2 processes when 2 cores exist, else 1
     num_samples: int = 8
     i3d: str | None = None
@@ -48,6 +54,9 @@ class DemoConfig:
         if self.quick:
             self.num_videos, self.frames, self.tokenizer_steps, self.mebt_steps = 8, 12, 20, 12
         self.nproc = self.nproc or min(2, os.cpu_count() or 1)
+        if self.clip_frames % 4 or not 4 <= self.clip_frames <= self.frames:
+            raise UserError(f"demo clip_frames must be a multiple of 4 within the {self.frames} video frames, "
+                            f"got {self.clip_frames}")
 
 
 class Demo:
@@ -55,9 +64,13 @@ class Demo:
         self.cfg, self.out = cfg, Path(cfg.out_dir)
         self.record_path = self.out / "demo.json"
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
-        if self.record.get("config", asdict(cfg)) != asdict(cfg):
+        # The I3D weights only matter to the eval stage: giving them later re-runs just that stage.
+        settings = {k: v for k, v in asdict(cfg).items() if k != "i3d"}
+        if {k: v for k, v in self.record.get("config", settings).items() if k != "i3d"} != settings:
             raise UserError(f"'{self.out}' holds a demo made with other settings; use another --out or the same "
                             "settings")
+        if self.record.get("stages", {}).get("eval", {}).get("i3d", cfg.i3d) != cfg.i3d:
+            del self.record["stages"]["eval"]
         self.record["config"] = asdict(cfg)
 
     def stage(self, name: str, run) -> dict:
@@ -82,7 +95,8 @@ class Demo:
 
         c = self.cfg
         result = write_synthetic_dataset(self.out / "videos", SynthConfig(
-            num_videos=c.num_videos, frames=c.frames, resolution=c.resolution, test_fraction=0.25, seed=c.seed))
+            num_videos=c.num_videos, frames=c.frames, resolution=c.resolution, palette=c.palette,
+            test_fraction=0.25, seed=c.seed))
         return {"train": result["train"], "test": result["test"]}
 
     def tokenizer(self) -> dict:
@@ -90,19 +104,21 @@ class Demo:
         from mebt.tokenizer_train import TokenizerRunConfig, train_tokenizer_on_videos
 
         c = self.cfg
-        # configs/tokenizer_tiny.yaml, embedded so the demo runs from any directory.
+        # Like configs/tokenizer_tiny.yaml (embedded so the demo runs from any directory): 4 latent frames.
         cfg = from_dict(TokenizerRunConfig, {
-            "model": {"n_hiddens": 8, "num_groups": 8, "downsample": [2, 4, 4], "n_codes": 512, "embedding_dim": 64},
+            "model": {"n_hiddens": 8, "num_groups": 8, "downsample": [c.clip_frames // 4, 4, 4],
+                      "n_codes": c.codebook, "embedding_dim": 64},
             "loss": {"recon_loss": "mse", "recon_weight": 4.0},
             "optim": {"lr": 3e-3, "betas": [0.9, 0.99], "warmup_steps": min(20, c.tokenizer_steps // 2),
                       "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0},
-            "train": {"steps": c.tokenizer_steps, "batch_size": 8, "log_every": 10, "seed": c.seed,
-                      "ckpt_every": max(1, c.tokenizer_steps // 4), "eval_clips": 32,
+            "train": {"steps": c.tokenizer_steps, "batch_size": 64 // c.clip_frames, "log_every": 10,
+                      "seed": c.seed, "ckpt_every": max(1, c.tokenizer_steps // 4), "eval_clips": 32,
                       "run_dir": str(self.out / "tokenizer")},
-            "data": {"root": str(self.out / "videos"), "clip": {"sequence_length": 8, "resolution": c.resolution}},
+            "data": {"root": str(self.out / "videos"),
+                     "clip": {"sequence_length": c.clip_frames, "resolution": c.resolution}},
         })
         result = train_tokenizer_on_videos(cfg)
-        grid = [8 // cfg.model.downsample[0], *(c.resolution // d for d in cfg.model.downsample[1:])]
+        grid = [c.clip_frames // cfg.model.downsample[0], *(c.resolution // d for d in cfg.model.downsample[1:])]
         return {"tokenizer": result["tokenizer"], "psnr": round(result["psnr"], 2), "codes": cfg.model.n_codes,
                 "grid": grid}
 
@@ -111,7 +127,8 @@ class Demo:
         from data_pipeline.verify import verify_dataset
         from data_pipeline.video import ClipConfig
 
-        clip = ClipConfig(sequence_length=8, resolution=self.cfg.resolution, starts="all", all_stride=2)
+        clip = ClipConfig(sequence_length=self.cfg.clip_frames, resolution=self.cfg.resolution, starts="all",
+                          all_stride=2)
         result = preprocess(PreprocessConfig(input_dir=str(self.out / "videos"), out_dir=str(self.out / "codes"),
                                              tokenizer=tokenizer, split="train", clip=clip, videos_per_shard=16,
                                              device="cpu"))
@@ -136,7 +153,7 @@ class Demo:
             "optim": {"lr": 2e-3, "warmup_steps": 50, "schedule": "cosine", "min_lr_ratio": 0.1},
             "deepspeed": {"zero_stage": 2, "precision": "fp32"},
             "data": {"data_dir": str(self.out / "codes"), "batch_size": 4 if c.quick else max(1, 32 // c.nproc)},
-            "sampling": {"steps": 16, "temperature": 0.9, "ctemp": 4.5},
+            "sampling": SAMPLING,
             "mlflow": {"experiment": "mebt-demo"},
             "train": {"steps": c.mebt_steps, "log_every": max(1, min(50, c.mebt_steps // 4)),
                       "ckpt_every": max(1, c.mebt_steps // 3), "sample_every": 0, "num_samples": 4,
@@ -169,16 +186,16 @@ class Demo:
 
         n = self.cfg.num_samples
         model, tokenizer = load_model(model_path).eval(), load_tokenizer(tokenizer_path).eval()
-        real = VideoClipDataset(self.out / "videos", "test", ClipConfig(sequence_length=8,
+        real = VideoClipDataset(self.out / "videos", "test", ClipConfig(sequence_length=self.cfg.clip_frames,
                                                                          resolution=self.cfg.resolution), seed=1)
         clips = torch.stack([real[i % len(real)]["video"] for i in range(n)])
         shape = model.cfg.latent_shape
-        sampling = SamplingConfig(steps=16, temperature=0.9, ctemp=4.5)
+        sampling = SamplingConfig(**SAMPLING)
         g = torch.Generator().manual_seed(self.cfg.seed)
         with torch.no_grad():
             codes = tokenizer.encode(clips).flatten(1)
             first = torch.zeros(codes.shape[1], dtype=torch.bool)
-            first[:shape[1] * shape[2]] = True   # the first latent frame (4 video frames) is given
+            first[:shape[1] * shape[2]] = True   # the first latent frame is given
             conditional = sample(model, sampling, n, given_codes=codes, given_mask=first, generator=g)
             unconditional = sample(model, sampling, n, generator=g)
             videos = [to_uint8(tokenizer.decode(c.view(n, *shape))) for c in (conditional, unconditional)]
@@ -186,22 +203,69 @@ class Demo:
         frames = rows.shape[1]
         grid = tile(rows, ncols=n, pad=0)
         paths = [write_mp4(grid, self.out / "demo_grid.mp4"), write_gif(grid, self.out / "demo_grid.gif")]
-        return {"grid": [str(p) for p in paths], "rows": ["real", "conditional (first 4 frames given)",
-                                                          "unconditional"], "frames": frames, "samples": n}
+        given = f"conditional (first {self.cfg.clip_frames // shape[0]} frames given)"
+        return {"grid": [str(p) for p in paths], "rows": ["real", given, "unconditional"], "frames": frames,
+                "samples": n}
 
-    def eval(self, model_path: str, tokenizer_path: str) -> dict:
-        if not self.cfg.i3d:
-            return {"note": "FVD/KVD skipped: no I3D weights given (mebt demo --i3d i3d_pretrained_400.pt)"}
-        from mebt.evaluate import EvalConfig, evaluate
-        from mebt.sampling import SamplingConfig
+    def eval(self, tokenizer_path: str) -> dict:
+        """Held-out metrics, plus FVD/KVD with --i3d, next to the same numbers for training clips (the floor a
+        perfect model would reach); all logged into the training's MLflow run at its last step.
 
-        report = evaluate(EvalConfig(checkpoint=model_path, tokenizer=tokenizer_path, i3d=self.cfg.i3d,
-                                     sampling=SamplingConfig(steps=16, temperature=0.9, ctemp=4.5),
-                                     real_dir=str(self.out / "videos"), real_split="test",
-                                     num_samples=4 * self.cfg.num_samples, num_real=4 * self.cfg.num_samples,
-                                     out_dir=str(self.out / "eval"), cache_dir=str(self.out / "eval_cache"),
-                                     log_mlflow=False))
-        return {"metrics": report["metrics"], "protocol": report["protocol"]["name"]}
+        - heldout_loss / heldout_acc1: masked-token prediction with half of every held-out clip masked;
+        - code_tv: total variation between the code histograms of unconditional samples and held-out clips;
+        - fvd / kvd: I3D needs 16 frames, so clips shorter than that are shown with each frame repeated
+          (the same for real and generated clips): comparable between demo runs, not with published FVD16.
+        """
+        from data_pipeline.video import ClipConfig, VideoClipDataset
+        from mebt.evaluate import load_for_eval, log_to_mlflow
+        from mebt.media import to_uint8
+        from mebt.objective import masked_loss
+        from mebt.sampling import SamplingConfig, sample
+        from mebt.vqgan_checkpoint import load_tokenizer
+
+        model, info = load_for_eval(self.out / "mebt")
+        model, tokenizer = model.eval(), load_tokenizer(tokenizer_path).eval()
+        clip = ClipConfig(sequence_length=self.cfg.clip_frames, resolution=self.cfg.resolution)
+        videos = {}
+        for split in ("test", "train"):
+            data = VideoClipDataset(self.out / "videos", split, clip, seed=2)
+            videos[split] = torch.stack([data[i]["video"] for i in range(min(len(data), 4 * self.cfg.num_samples))])
+        n = len(videos["test"])
+        g = torch.Generator().manual_seed(self.cfg.seed + 1)
+        with torch.no_grad():
+            codes = {split: tokenizer.encode(v[:n]).flatten(1) for split, v in videos.items()}
+            length = codes["test"].shape[1]
+            order = torch.rand(n, length, generator=g).argsort(1)   # half of every clip masked, seeded
+            ctx, tgt = order[:, :length // 2], order[:, length // 2:]
+            loss, acc = masked_loss(model(codes["test"], ctx, tgt), codes["test"], tgt)
+            generated = sample(model, SamplingConfig(**SAMPLING), n, generator=g)
+            generated_videos = tokenizer.decode(generated.view(n, *model.cfg.latent_shape))
+
+        def code_tv(a, b):
+            pa, pb = (torch.bincount(x.flatten(), minlength=model.cfg.vocab_size).double() / x.numel() for x in (a, b))
+            return round(0.5 * (pa - pb).abs().sum().item(), 4)
+
+        metrics = {"heldout_loss": round(loss.item(), 4), "heldout_acc1": round(acc["acc1"], 4),
+                   "code_tv": code_tv(generated, codes["test"]),
+                   "code_tv_train_clips": code_tv(codes["train"][:n], codes["test"])}
+        result = {"metrics": metrics, "clips": n, "i3d": self.cfg.i3d}
+        if self.cfg.i3d:
+            from mebt.fvd import fvd, kvd
+            from mebt.i3d import i3d_features, load_i3d
+
+            i3d = load_i3d(self.cfg.i3d)
+            repeat = -(-16 // self.cfg.clip_frames)
+            features = {name: i3d_features(i3d, torch.from_numpy(np.repeat(to_uint8(v[:n]), repeat, axis=1)))
+                        for name, v in (("test", videos["test"]), ("train", videos["train"]),
+                                        ("generated", generated_videos))}
+            for name, key in (("generated", ""), ("train", "_train_clips")):
+                metrics[f"fvd{key}"] = fvd(features["test"], features[name])
+                metrics[f"kvd{key}"] = kvd(features["test"], features[name])
+            result["fvd"] = f"I3D on {n} clips each, every frame repeated {repeat}x, float64 protocol"
+        else:
+            result["note"] = "FVD/KVD skipped: no I3D weights given (mebt demo --i3d i3d_pretrained_400.pt)"
+        result["mlflow"] = log_to_mlflow(info, {"metrics": metrics}, []) or f"logged to run {info['mlflow_run_id']}"
+        return result
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -211,13 +275,16 @@ class Demo:
         trained = self.stage("train", lambda: self.train(tok))
         model = self.stage("export", self.export)["out"]
         self.stage("samples", lambda: self.samples(model, tok["tokenizer"]))
-        self.stage("eval", lambda: self.eval(model, tok["tokenizer"]))
+        self.stage("eval", lambda: self.eval(tok["tokenizer"]))
         stages = self.record["stages"]
         print("\nmebt demo finished:")
         for name in STAGES:
             print(f"  {name:10s} {stages[name]['seconds']:7.1f} s")
-        print(f"  tokenizer PSNR {tok['psnr']} dB; MeBT final loss {trained['final_loss']}, acc {trained['final_acc1']}")
-        print(f"  {stages['eval'].get('metrics') or stages['eval'].get('note')}")
+        print(f"  tokenizer PSNR {tok['psnr']} dB; MeBT final loss {trained['final_loss']}, "
+              f"acc {trained['final_acc1']}")
+        print(f"  held-out and sample metrics: {stages['eval']['metrics']}")
+        if "note" in stages["eval"]:
+            print(f"  {stages['eval']['note']}")
         print(f"  grid (real / conditional / unconditional): {stages['samples']['grid'][0]}")
         print(f"  MLflow UI: mlflow ui --backend-store-uri sqlite:///{Path(trained['run_dir']).resolve()}/mlflow.db")
         return self.record

@@ -17,33 +17,10 @@ from data_pipeline.synthetic_codes import SyntheticCodesConfig
 from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
 from mebt.vqgan import VQGAN, VQGANConfig
 from mebt.vqgan_checkpoint import save_tokenizer
+from tests.i3d_weights import fake_i3d
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (4, 4, 4)   # with a 4x4x4 tokenizer: 16 frames at 16x16, the fewest frames FVD16 takes
-
-
-def fake_i3d(path: Path) -> Path:
-    """Random weights in exactly the layout of i3d_pretrained_400.pt (without num_batches_tracked)."""
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for line in (ROOT / "tests" / "data" / "i3d_kinetics400_state_dict.tsv").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, _ = line.split("\t")
-        if key.endswith("num_batches_tracked"):
-            continue
-        shape = json.loads(shape)
-        if key.endswith("running_var"):
-            state[key] = torch.ones(shape)
-        elif key.endswith("running_mean") or key.endswith(".bias"):
-            state[key] = torch.zeros(shape)
-        elif key.endswith("bn.weight"):
-            state[key] = torch.ones(shape)
-        else:
-            fan_in = max(1, int(np.prod(shape[1:])))
-            state[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture(scope="module")

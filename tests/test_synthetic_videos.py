@@ -44,6 +44,20 @@ def test_config_rejects_bad_values(key, value):
         SynthConfig(**{key: value})
 
 
+def test_palette_restricts_shapes_and_plain_backgrounds_to_its_colors():
+    cfg = SynthConfig(num_videos=12, frames=6, resolution=32, palette=3)
+    allowed = np.round([synthetic_videos.palette_color(i, 3, bright) for i in range(3) for bright in (True, False)])
+    seen = set()
+    for index in range(cfg.num_videos):
+        video = render_video(index, cfg).reshape(-1, 3).astype(np.float64)
+        # Anti-aliased edges blend two colors; everything else is exactly one of the palette's six colors.
+        exact = (np.abs(video[:, None] - allowed[None]).max(-1) <= 0.5)
+        assert exact.any(1).mean() > 0.75
+        seen.update(np.flatnonzero(exact.any(0)).tolist())
+        assert not np.array_equal(video, render_video(index, SynthConfig(frames=6, resolution=32)).reshape(-1, 3))
+    assert len(seen) >= 5   # shapes and backgrounds of several palette colors across the videos
+
+
 def test_written_mp4_matches_render(tmp_path):
     cfg = SynthConfig(**SMALL)
     summary = write_synthetic_dataset(tmp_path, cfg, progress=False)
