@@ -42,7 +42,7 @@ class DemoConfig:
     codebook: int = 128             # tokenizer codes
     resolution: int = 32
     palette: int = 6                # SynthConfig.palette: few colors, so a tokenizer trained in minutes is crisp
-    tokenizer_steps: int = 1000
+    tokenizer_steps: int = 1200
     mebt_steps: int = 1800
     nproc: int = 0                  # 0: 2 processes when 2 cores exist, else 1
     num_samples: int = 8
