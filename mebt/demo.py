@@ -28,8 +28,10 @@ import torch
 
 from mebt.config import UserError, load_config
 
-# MaskGIT settings for the demo's samples (logged with the run; `mebt eval` takes the same as overrides).
-SAMPLING = {"steps": 32, "ctemp": 8.0, "n_revise": 4, "revise_rounds": 4, "revise_temperature": 0.5}
+# MaskGIT + revision settings for the demo's samples (logged with the run; `mebt eval` takes the same as
+# overrides). A small model committing codes in confidence order fills whole clips with the background
+# code; a high choice temperature (a more random order) and revision rounds keep 0 of 128 samples empty.
+SAMPLING = {"steps": 64, "ctemp": 12.0, "n_revise": 4, "revise_rounds": 4, "revise_temperature": 0.8}
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "samples", "eval")
 
 
