@@ -209,7 +209,7 @@ class Demo:
         return {"grid": [str(p) for p in paths], "rows": ["real", given, "unconditional"], "frames": frames,
                 "samples": n}
 
-    def eval(self, tokenizer_path: str) -> dict:
+    def eval(self, model_path: str, tokenizer_path: str) -> dict:
         """Held-out metrics, plus FVD/KVD with --i3d, next to the same numbers for training clips (the floor a
         perfect model would reach); all logged into the training's MLflow run at its last step.
 
@@ -219,14 +219,15 @@ class Demo:
           (the same for real and generated clips): comparable between demo runs, not with published FVD16.
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
-        from mebt.evaluate import load_for_eval, log_to_mlflow
+        from mebt.checkpoint import load_model
+        from mebt.evaluate import checkpoint_info, log_to_mlflow
         from mebt.media import to_uint8
         from mebt.objective import masked_loss
         from mebt.sampling import SamplingConfig, sample
         from mebt.vqgan_checkpoint import load_tokenizer
 
-        model, info = load_for_eval(self.out / "mebt")
-        model, tokenizer = model.eval(), load_tokenizer(tokenizer_path).eval()
+        model, tokenizer = load_model(model_path).eval(), load_tokenizer(tokenizer_path).eval()
+        info = checkpoint_info(self.out / "mebt")   # the exported checkpoint's step and MLflow run
         clip = ClipConfig(sequence_length=self.cfg.clip_frames, resolution=self.cfg.resolution)
         videos = {}
         for split in ("test", "train"):
@@ -277,7 +278,7 @@ class Demo:
         trained = self.stage("train", lambda: self.train(tok))
         model = self.stage("export", self.export)["out"]
         self.stage("samples", lambda: self.samples(model, tok["tokenizer"]))
-        self.stage("eval", lambda: self.eval(tok["tokenizer"]))
+        self.stage("eval", lambda: self.eval(model, tok["tokenizer"]))
         stages = self.record["stages"]
         print("\nmebt demo finished:")
         for name in STAGES:

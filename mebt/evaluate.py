@@ -69,9 +69,17 @@ def load_for_eval(checkpoint: str | Path):
                        "mlflow_run_id": None, "tag": path.stem}
     from mebt.train_checkpoint import consolidated_model
 
-    model, meta, tag_dir = consolidated_model(path)
-    return model, {"step": meta["step"], "config": meta["config"], "run_dir": tag_dir.parent.parent,
-                   "mlflow_run_id": meta.get("mlflow_run_id"), "tag": tag_dir.name}
+    return consolidated_model(path)[0], checkpoint_info(path)
+
+
+def checkpoint_info(checkpoint: str | Path) -> dict:
+    """Step, run config, run dir, MLflow run id and tag of a training checkpoint, without reading weights."""
+    from mebt.train_checkpoint import META, resolve_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    meta = json.loads((ckpt_dir / tag / META).read_text())
+    return {"step": meta["step"], "config": meta["config"], "run_dir": ckpt_dir.parent,
+            "mlflow_run_id": meta.get("mlflow_run_id"), "tag": tag}
 
 
 def _batches(cfg: EvalConfig) -> list[int]:
