@@ -54,6 +54,19 @@ def submitted_job(run_dir: Path) -> str:
     return json.loads((run_dir / "launch.json").read_text())["job_id"]
 
 
+def train_then_signal(run_dir: Path, launch_args: list[str], env: dict, after_steps: int, timeout: float = 400):
+    """Submit a training job, send it USR2 (what SLURM sends before a time limit) once it has traced
+    ``after_steps`` steps, and wait until it has left the queue; its job log (stderr) is returned."""
+    done = launch(["slurm", "train", *launch_args], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = submitted_job(run_dir)
+    wait_for(lambda: steps_traced(run_dir) >= after_steps, lambda: launch(["status", str(run_dir)], env).stdout,
+             timeout=300)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=env)
+    wait_until_done(job, env, timeout=timeout)
+    return Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
+
+
 def test_two_node_training_job_finishes_with_its_checkpoint_and_mlflow_run(codes_dir, mlflow_server, slurm_env,
                                                                            tmp_path):
     run_dir = tmp_path / "run"
@@ -83,18 +96,11 @@ def test_signalled_job_requeues_and_resumes_into_the_same_mlflow_run(codes_dir, 
     run_dir = tmp_path / "run"
     args = overrides(codes_dir, run_dir, **{"train.steps": 400, "train.ckpt_every": 1000, "mlflow.enabled": "true",
                                             "mlflow.tracking_uri": mlflow_server.uri, "mlflow.experiment": "requeue"})
-    done = launch(["slurm", "train", "--nodes", "2", "--time", "10", *args], slurm_env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    job = submitted_job(run_dir)
-    wait_for(lambda: steps_traced(run_dir) >= 5, lambda: launch(["status", str(run_dir)], slurm_env).stdout,
-             timeout=300)
-    # What SLURM sends before a time limit (submitit asks for USR2): checkpoint, requeue, resume.
-    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm_env)
-    wait_until_done(job, slurm_env, timeout=600)
+    # USR2 mid-run: checkpoint, requeue, resume.
+    log = train_then_signal(run_dir, ["--nodes", "2", "--time", "10", *args], slurm_env, after_steps=5, timeout=600)
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step400"
     steps = [r["step"] for r in trace(run_dir, 0)]
     assert steps == list(range(1, 401))   # trimmed back to the signal's checkpoint, then every step once
-    log = Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
     assert "requeue of job" in log
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name("requeue").experiment_id])
@@ -164,16 +170,9 @@ def test_local_executor_runs_the_same_job_as_local_processes(codes_dir, tmp_path
 def test_requeue_limit_ends_the_job_with_a_clear_message(codes_dir, slurm_env, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(codes_dir, run_dir, **{"train.steps": 400, "train.ckpt_every": 1000})
-    done = launch(["slurm", "train", "--max-requeues", "0", "--time", "10", *args], slurm_env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    job = submitted_job(run_dir)
-    wait_for(lambda: steps_traced(run_dir) >= 3, lambda: launch(["status", str(run_dir)], slurm_env).stdout,
-             timeout=300)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm_env)
-    wait_until_done(job, slurm_env)
+    log = train_then_signal(run_dir, ["--max-requeues", "0", "--time", "10", *args], slurm_env, after_steps=3)
     stopped = (run_dir / "checkpoints" / "latest").read_text()
     assert stopped != "global_step400" and len(trace(run_dir, 0)) == int(stopped.removeprefix("global_step"))
-    log = Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
     assert "not requeued (requeue limit reached); submit the same command again to resume" in log
 
 
