@@ -198,8 +198,8 @@ class Demo:
             codes = tokenizer.encode(clips).flatten(1)
             first = torch.zeros(codes.shape[1], dtype=torch.bool)
             first[:shape[1] * shape[2]] = True   # the first latent frame is given
-            conditional = sample(model, sampling, n, given_codes=codes, given_mask=first, generator=g)
-            unconditional = sample(model, sampling, n, generator=g)
+            conditional = sample(model, sampling, n, given_codes=codes, given_mask=first, generator=g, progress=True)
+            unconditional = sample(model, sampling, n, generator=g, progress=True)
             videos = [to_uint8(tokenizer.decode(c.view(n, *shape))) for c in (conditional, unconditional)]
         rows = np.concatenate([to_uint8(clips), *videos])   # real, conditional, unconditional: n clips each
         frames = rows.shape[1]
@@ -241,7 +241,7 @@ class Demo:
             order = torch.rand(n, length, generator=g).argsort(1)   # half of every clip masked, seeded
             ctx, tgt = order[:, :length // 2], order[:, length // 2:]
             loss, acc = masked_loss(model(codes["test"], ctx, tgt), codes["test"], tgt)
-            generated = sample(model, SamplingConfig(**SAMPLING), n, generator=g)
+            generated = sample(model, SamplingConfig(**SAMPLING), n, generator=g, progress=True)
             generated_videos = tokenizer.decode(generated.view(n, *model.cfg.latent_shape))
 
         def code_tv(a, b):
@@ -258,7 +258,8 @@ class Demo:
 
             i3d = load_i3d(self.cfg.i3d)
             repeat = -(-16 // self.cfg.clip_frames)
-            features = {name: i3d_features(i3d, torch.from_numpy(np.repeat(to_uint8(v[:n]), repeat, axis=1)))
+            features = {name: i3d_features(i3d, torch.from_numpy(np.repeat(to_uint8(v[:n]), repeat, axis=1)),
+                                           desc=f"I3D features ({name})")
                         for name, v in (("test", videos["test"]), ("train", videos["train"]),
                                         ("generated", generated_videos))}
             for name, key in (("generated", ""), ("train", "_train_clips")):

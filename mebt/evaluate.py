@@ -144,7 +144,7 @@ def real_features(cfg: EvalConfig, i3d, frames: int, resolution: int, window: in
     clips = real_clips(cfg, frames, resolution)
     if window:
         clips = sliding_windows(clips, window, window // 2)
-    features = i3d_features(i3d, torch.from_numpy(clips), device=device)
+    features = i3d_features(i3d, torch.from_numpy(clips), device=device, desc="I3D features (real)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, features, allow_pickle=False)
@@ -170,7 +170,7 @@ def score(cfg: EvalConfig, videos: np.ndarray, i3d, device) -> dict:
                              "kvd": KVD_PROTOCOL, "sliding": "16-frame windows every 8 frames" if frames > 16 else None}
     for name, window in variants:
         fake = sliding_windows(videos, window, window // 2) if window else videos
-        fake_features = i3d_features(i3d, torch.from_numpy(fake), device=device)
+        fake_features = i3d_features(i3d, torch.from_numpy(fake), device=device, desc="I3D features (generated)")
         real = real_features(cfg, i3d, frames, resolution, window, device)
         metrics[f"fvd{name}"] = fvd(real, fake_features, protocol=cfg.protocol)
         metrics[f"kvd{name}"] = kvd(real, fake_features)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mebt.checkpoint import CheckpointError, check_state_dict, load_tensors_file
 from mebt.config import UserError
@@ -201,16 +202,16 @@ def preprocess(videos: torch.Tensor | np.ndarray, resolution: int = RESOLUTION) 
 
 @torch.no_grad()
 def i3d_features(model: InceptionI3d, videos: torch.Tensor | np.ndarray, batch_size: int = 8,
-                 device: str | torch.device | None = None) -> np.ndarray:
+                 device: str | torch.device | None = None, desc: str | None = None) -> np.ndarray:
     """uint8 videos [N, T, H, W, 3] -> I3D logits [N, 400] float64, ``batch_size`` videos at a time.
 
     Videos are resized one batch at a time, so N long 224x224 float copies never exist at once.
-    ``device`` defaults to the model's device.
+    ``device`` defaults to the model's device; ``desc`` shows a progress bar with that label.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     out = []
-    for start in range(0, len(videos), batch_size):
+    for start in tqdm(range(0, len(videos), batch_size), desc=desc, unit="batch", disable=desc is None):
         x = preprocess(videos[start:start + batch_size]).to(device)
         out.append(model.features(x).double().cpu().numpy())
     if not out:
