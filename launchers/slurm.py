@@ -187,10 +187,10 @@ def record(run_dir: Path, job, kind: str, cfg: SlurmConfig, command: list[str]) 
     info = {"kind": kind, "job_id": job_id, "submitted_at": time.time(), "slurm": asdict(cfg),
             "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "folder": str(job.paths.folder),
             "command": command}
+    from data_pipeline.manifest import atomic_write_bytes
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{LAUNCH_JSON}.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(run_dir / LAUNCH_JSON)
+    atomic_write_bytes(run_dir / LAUNCH_JSON, json.dumps(info, indent=2).encode())
     return info
 
 
@@ -204,6 +204,7 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     """Check everything that can be checked here, then submit (or print the sbatch script)."""
     from data_pipeline.loader import make_loader
     from mebt.config import load_config
+    from mebt.tracking import tracking_uri
     from mebt.train_config import RunConfig, deepspeed_config
 
     cfg = load_config(RunConfig, config, overrides)
@@ -213,7 +214,7 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     make_loader(cfg.data, 0, slurm.world_size, expect_grid=tuple(cfg.model.latent_shape),
                 expect_vocab=cfg.model.vocab_size)
     run_dir = Path(cfg.train.run_dir).resolve()
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir}/mlflow.db"
+    uri = tracking_uri(cfg.mlflow.tracking_uri, run_dir)
     return _queue(slurm, run_dir, "train", dry_run, local,
                   lambda folder: [executor(slurm, folder, local).submit(TrainTask(config, overrides,
                                                                                   slurm.max_requeues))],
@@ -294,8 +295,9 @@ def status(run_dir: str | Path, lines: int = 15) -> dict:
         metrics = run_dir / "metrics.jsonl"
         last = metrics.read_text().splitlines()[-1] if metrics.is_file() and metrics.stat().st_size else None
         report["last_logged"] = json.loads(last) if last else None
-        latest = run_dir / "checkpoints" / "latest"
-        report["checkpoint"] = latest.read_text().strip() if latest.is_file() else None
+        from mebt.train_checkpoint import latest_tag
+
+        report["checkpoint"] = latest_tag(run_dir)
     elif info["kind"] == "preprocess":
         dataset = run_dir / "dataset.json"
         report["dataset"] = json.loads(dataset.read_text()).get("counts") if dataset.is_file() else None

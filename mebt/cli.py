@@ -116,7 +116,9 @@ def cmd_eval(args) -> None:
     sampling = from_dict(SamplingConfig, apply_overrides(base, args.overrides), prefix="sampling.")
 
     def config(checkpoint: str) -> EvalConfig:
-        return EvalConfig(checkpoint=checkpoint, sampling=sampling, out_dir=args.out, tokenizer=args.tokenizer,
+        # A watcher evaluates many checkpoints: each gets its own folder under --out.
+        out = str(Path(args.out) / Path(checkpoint).name) if args.watch and args.out else args.out
+        return EvalConfig(checkpoint=checkpoint, sampling=sampling, out_dir=out, tokenizer=args.tokenizer,
                           num_samples=args.num_samples, batch_size=args.batch_size, frames=args.frames,
                           i3d=args.i3d, real_dir=args.real_dir, real_split=args.real_split, num_real=args.num_real,
                           protocol=args.protocol, seed=args.seed, shard_index=args.shard_index,
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-index", type=int, default=0, help="this process's slice of the sample batches")
     p.add_argument("--num-shards", type=int, default=1, help="processes sharing the sampling")
-    p.add_argument("--out", help="output dir (default RUN_DIR/eval/global_stepN)")
+    p.add_argument("--out", help="output dir (default RUN_DIR/eval/global_stepN; with --watch, a subfolder per "
+                                 "checkpoint)")
     p.add_argument("--cache-dir", help="real-feature cache (default ~/.cache/mebt/real_features)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-mlflow", action="store_true", help="do not log into the training's MLflow run")

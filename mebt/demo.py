@@ -182,7 +182,7 @@ class Demo:
         """Real held-out clips, samples given their first latent frame, and unconditional samples, as grids."""
         from data_pipeline.video import ClipConfig, VideoClipDataset
         from mebt.checkpoint import load_model
-        from mebt.media import tile, to_uint8, write_gif, write_mp4
+        from mebt.media import side_by_side, to_uint8, write_formats
         from mebt.sampling import SamplingConfig, sample
         from mebt.vqgan_checkpoint import load_tokenizer
 
@@ -201,12 +201,10 @@ class Demo:
             conditional = sample(model, sampling, n, given_codes=codes, given_mask=first, generator=g, progress=True)
             unconditional = sample(model, sampling, n, generator=g, progress=True)
             videos = [to_uint8(tokenizer.decode(c.view(n, *shape))) for c in (conditional, unconditional)]
-        rows = np.concatenate([to_uint8(clips), *videos])   # real, conditional, unconditional: n clips each
-        frames = rows.shape[1]
-        grid = tile(rows, ncols=n, pad=0)
-        paths = [write_mp4(grid, self.out / "demo_grid.mp4"), write_gif(grid, self.out / "demo_grid.gif")]
+        grid = side_by_side(to_uint8(clips), *videos, pad=0)   # rows: real, conditional, unconditional
+        paths = write_formats(grid, self.out / "demo_grid")
         given = f"conditional (first {self.cfg.clip_frames // shape[0]} frames given)"
-        return {"grid": [str(p) for p in paths], "rows": ["real", given, "unconditional"], "frames": frames,
+        return {"grid": [str(p) for p in paths], "rows": ["real", given, "unconditional"], "frames": len(grid),
                 "samples": n}
 
     def eval(self, model_path: str, tokenizer_path: str) -> dict:
@@ -219,24 +217,23 @@ class Demo:
           (the same for real and generated clips): comparable between demo runs, not with published FVD16.
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
-        from mebt.checkpoint import load_model
-        from mebt.evaluate import checkpoint_info, log_to_mlflow
+        from mebt.evaluate import load_for_eval, log_to_mlflow
         from mebt.media import to_uint8
         from mebt.objective import masked_loss
         from mebt.sampling import SamplingConfig, sample
         from mebt.vqgan_checkpoint import load_tokenizer
 
-        model, tokenizer = load_model(model_path).eval(), load_tokenizer(tokenizer_path).eval()
-        info = checkpoint_info(self.out / "mebt")   # the exported checkpoint's step and MLflow run
+        model, info = load_for_eval(model_path)   # the exported weights with their step and MLflow run
+        tokenizer = load_tokenizer(tokenizer_path).eval()
         clip = ClipConfig(sequence_length=self.cfg.clip_frames, resolution=self.cfg.resolution)
-        videos = {}
-        for split in ("test", "train"):
+        videos, n = {}, 4 * self.cfg.num_samples
+        for split in ("test", "train"):   # as many training clips as held-out ones
             data = VideoClipDataset(self.out / "videos", split, clip, seed=2)
-            videos[split] = torch.stack([data[i]["video"] for i in range(min(len(data), 4 * self.cfg.num_samples))])
-        n = len(videos["test"])
+            n = min(n, len(data))
+            videos[split] = torch.stack([data[i]["video"] for i in range(n)])
         g = torch.Generator().manual_seed(self.cfg.seed + 1)
         with torch.no_grad():
-            codes = {split: tokenizer.encode(v[:n]).flatten(1) for split, v in videos.items()}
+            codes = {split: tokenizer.encode(v).flatten(1) for split, v in videos.items()}
             length = codes["test"].shape[1]
             order = torch.rand(n, length, generator=g).argsort(1)   # half of every clip masked, seeded
             ctx, tgt = order[:, :length // 2], order[:, length // 2:]
@@ -250,7 +247,7 @@ class Demo:
 
         metrics = {"heldout_loss": round(loss.item(), 4), "heldout_acc1": round(acc["acc1"], 4),
                    "code_tv": code_tv(generated, codes["test"]),
-                   "code_tv_train_clips": code_tv(codes["train"][:n], codes["test"])}
+                   "code_tv_train_clips": code_tv(codes["train"], codes["test"])}
         result = {"metrics": metrics, "clips": n, "i3d": self.cfg.i3d}
         if self.cfg.i3d:
             from mebt.fvd import fvd, kvd
@@ -258,7 +255,7 @@ class Demo:
 
             i3d = load_i3d(self.cfg.i3d)
             repeat = -(-16 // self.cfg.clip_frames)
-            features = {name: i3d_features(i3d, torch.from_numpy(np.repeat(to_uint8(v[:n]), repeat, axis=1)),
+            features = {name: i3d_features(i3d, torch.from_numpy(np.repeat(to_uint8(v), repeat, axis=1)),
                                            desc=f"I3D features ({name})")
                         for name, v in (("test", videos["test"]), ("train", videos["train"]),
                                         ("generated", generated_videos))}

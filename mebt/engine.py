@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data_pipeline.loader import make_loader
 from mebt import train_checkpoint
 from mebt.config import flatten, to_dict
-from mebt.distributed import all_gather_object, any_rank, init_process_group, pick_device, resolve_env
+from mebt.distributed import any_rank, init_process_group, pick_device, resolve_env
 from mebt.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.model import MeBT
 from mebt.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
@@ -226,7 +226,7 @@ def train(cfg: RunConfig) -> dict:
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or requested:
             state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main)
             train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,
-                                  {"mlflow_run_id": state.mlflow_run_id, "config": to_dict(cfg)}, cfg, tc.keep_last)
+                                  {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
         if requested:
             preempted = stop.signal or "peer"
             break
@@ -244,7 +244,10 @@ def train(cfg: RunConfig) -> dict:
 
 
 def _run_id(tracker: Tracker, main: bool) -> str | None:
-    """The MLflow run id to store in the checkpoint (rank 0 knows it; every rank must pass the same value)."""
-    if main and tracker.run_id is None:
+    """The MLflow run id to store in the checkpoint. Only rank 0 writes the client state and ``mebt.json``
+    (and every rank reads them back on resume), so only rank 0 needs it."""
+    if not main:
+        return None
+    if tracker.run_id is None:
         tracker.flush(timeout=2.0)   # the run is created in the background; give it a moment
-    return all_gather_object(tracker.run_id if main else None)[0]
+    return tracker.run_id

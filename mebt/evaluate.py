@@ -3,13 +3,14 @@
 ``evaluate(cfg)`` reads top to bottom: model + tokenizer -> sample and decode this process's batches
 (each batch is a file; batches already on disk are kept, so an interrupted evaluation resumes) -> I3D
 features of the samples -> real-video features (cached on disk, keyed by dataset, split, clip settings,
-count, seed and I3D weights) -> FVD/KVD -> ``report.json`` + an MP4/GIF grid (real vs generated) -> the
+count, seed and I3D weights) -> FVD/KVD -> ``report.json`` + an MP4/GIF grid of samples -> the
 metrics logged into the training run's MLflow run at the checkpoint's step. Batches are seeded by their
 index, so several processes (``shard_index``/``num_shards``) each sample a slice and the result does
 not depend on how the work was split or resumed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from mebt.checkpoint import file_sha256, load_model_with_extras
 from mebt.config import ConfigError, UserError
 from mebt.distributed import pick_device
-from mebt.media import tile, to_uint8, write_gif, write_mp4
+from mebt.media import tile, to_uint8, write_formats
 from mebt.sampling import SamplingConfig, sample
 
 
@@ -55,36 +56,48 @@ class EvalConfig:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard index {self.shard_index} is outside 0..{self.num_shards - 1}")
-        if self.protocol not in ("float64", "tats"):
-            raise ConfigError(f"protocol must be float64 or tats, got {self.protocol!r}")
+        from mebt.fvd import PROTOCOLS
+
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
 
 def load_for_eval(checkpoint: str | Path):
-    """(model, info) from an exported model file or a training checkpoint (info: step, run config, run dir)."""
+    """(model, info) from an exported model file or a training checkpoint.
+
+    info: step, run config, run dir, MLflow run id and tag of the training checkpoint the weights come
+    from (``mebt export`` records them in the file; files from elsewhere have none of them).
+    """
     path = Path(checkpoint)
     if path.is_file():
         model, extras = load_model_with_extras(path)
-        run_config = json.loads(extras["run_config"]) if "run_config" in extras else None
-        return model, {"step": extras.get("step", 0), "config": run_config, "run_dir": None,
-                       "mlflow_run_id": None, "tag": path.stem}
+        source = Path(extras["source"]) if "source" in extras else None
+        return model, {"step": extras.get("step", 0),
+                       "config": json.loads(extras["run_config"]) if "run_config" in extras else None,
+                       "run_dir": source.parent.parent if source else None,
+                       "mlflow_run_id": extras.get("mlflow_run_id"), "tag": extras.get("tag", path.stem)}
     from mebt.train_checkpoint import consolidated_model
 
-    return consolidated_model(path)[0], checkpoint_info(path)
+    model, meta, tag_dir = consolidated_model(path)
+    return model, {"step": meta["step"], "config": meta["config"], "run_dir": tag_dir.parent.parent,
+                   "mlflow_run_id": meta.get("mlflow_run_id"), "tag": tag_dir.name}
 
 
-def checkpoint_info(checkpoint: str | Path) -> dict:
-    """Step, run config, run dir, MLflow run id and tag of a training checkpoint, without reading weights."""
-    from mebt.train_checkpoint import META, resolve_checkpoint
+def eval_dir(cfg: EvalConfig, info: dict) -> Path:
+    """Where an evaluation writes: ``out_dir``, else MODEL_FILE.eval/, else RUN_DIR/eval/global_stepN/."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if Path(cfg.checkpoint).is_file():
+        return Path(str(cfg.checkpoint) + ".eval")
+    return Path(info["run_dir"]) / "eval" / info["tag"]
 
-    ckpt_dir, tag = resolve_checkpoint(checkpoint)
-    meta = json.loads((ckpt_dir / tag / META).read_text())
-    return {"step": meta["step"], "config": meta["config"], "run_dir": ckpt_dir.parent,
-            "mlflow_run_id": meta.get("mlflow_run_id"), "tag": tag}
+
+def _num_batches(cfg: EvalConfig) -> int:
+    return -(-cfg.num_samples // cfg.batch_size)
 
 
 def _batches(cfg: EvalConfig) -> list[int]:
-    total = -(-cfg.num_samples // cfg.batch_size)
-    return [j for j in range(total) if j % cfg.num_shards == cfg.shard_index]
+    return [j for j in range(_num_batches(cfg)) if j % cfg.num_shards == cfg.shard_index]
 
 
 def sample_batches(model, tokenizer, cfg: EvalConfig, out: Path, device) -> None:
@@ -105,7 +118,7 @@ def sample_batches(model, tokenizer, cfg: EvalConfig, out: Path, device) -> None
 
 def load_samples(cfg: EvalConfig, out: Path) -> np.ndarray | None:
     """uint8 [N, T, H, W, 3] of every batch, or None while some batch (another shard's) is missing."""
-    files = [out / f"batch_{j:05d}.npz" for j in range(-(-cfg.num_samples // cfg.batch_size))]
+    files = [out / f"batch_{j:05d}.npz" for j in range(_num_batches(cfg))]
     if not all(f.exists() for f in files):
         return None
     return np.concatenate([np.load(f, allow_pickle=False)["video"] for f in files])
@@ -129,19 +142,21 @@ def real_clips(cfg: EvalConfig, frames: int, resolution: int) -> np.ndarray:
     return np.stack(clips)
 
 
-def real_features(cfg: EvalConfig, i3d, frames: int, resolution: int, window: int | None, device) -> np.ndarray:
-    """I3D features of the real clips (or of their sliding windows), cached on disk."""
+def real_features(cfg: EvalConfig, i3d, i3d_sha256: str, frames: int, resolution: int, window: int | None,
+                  device, decode) -> np.ndarray:
+    """I3D features of the real clips (or of their sliding windows), cached on disk; ``decode()`` gives the
+    clips on a cache miss."""
     from mebt.fvd import sliding_windows
     from mebt.i3d import i3d_features
 
     key = {"real_dir": str(Path(cfg.real_dir).resolve()), "split": cfg.real_split, "frames": frames,
            "resolution": resolution, "num_real": cfg.num_real, "seed": cfg.seed, "window": window,
-           "i3d": file_sha256(cfg.i3d)}
+           "i3d": i3d_sha256}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cfg.cache_dir) / f"{digest}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
-    clips = real_clips(cfg, frames, resolution)
+    clips = decode()
     if window:
         clips = sliding_windows(clips, window, window // 2)
     features = i3d_features(i3d, torch.from_numpy(clips), device=device, desc="I3D features (real)")
@@ -164,22 +179,23 @@ def score(cfg: EvalConfig, videos: np.ndarray, i3d, device) -> dict:
         videos = videos[:, :cfg.frames]
     n, frames, resolution = len(videos), videos.shape[1], videos.shape[2]
     variants = [(f"{frames}", None)] + ([("16_sliding", 16)] if frames > 16 else [])
+    i3d_sha256 = file_sha256(cfg.i3d)
+    decode = functools.cache(lambda: real_clips(cfg, frames, resolution))   # once, and only on a cache miss
     metrics, protocol = {}, {"name": cfg.protocol, **PROTOCOLS[cfg.protocol], "generated": n,
                              "real": cfg.num_real, "real_dir": cfg.real_dir, "real_split": cfg.real_split,
-                             "i3d_sha256": file_sha256(cfg.i3d), "frames": frames, "resolution": resolution,
+                             "i3d_sha256": i3d_sha256, "frames": frames, "resolution": resolution,
                              "kvd": KVD_PROTOCOL, "sliding": "16-frame windows every 8 frames" if frames > 16 else None}
     for name, window in variants:
         fake = sliding_windows(videos, window, window // 2) if window else videos
         fake_features = i3d_features(i3d, torch.from_numpy(fake), device=device, desc="I3D features (generated)")
-        real = real_features(cfg, i3d, frames, resolution, window, device)
+        real = real_features(cfg, i3d, i3d_sha256, frames, resolution, window, device, decode)
         metrics[f"fvd{name}"] = fvd(real, fake_features, protocol=cfg.protocol)
         metrics[f"kvd{name}"] = kvd(real, fake_features)
     return {"metrics": metrics, "protocol": protocol}
 
 
 def write_grid(cfg: EvalConfig, videos: np.ndarray, out: Path) -> list[Path]:
-    grid = tile(videos[:cfg.grid_samples])
-    return [write_mp4(grid, out / "samples_grid.mp4"), write_gif(grid, out / "samples_grid.gif")]
+    return write_formats(tile(videos[:cfg.grid_samples]), out / "samples_grid")
 
 
 def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
@@ -187,13 +203,12 @@ def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
     run_id, config = info.get("mlflow_run_id"), info.get("config") or {}
     if not run_id:
         return "no MLflow run recorded in the checkpoint"
-    import os
-
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    uri = (config.get("mlflow") or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") \
-        or f"sqlite:///{Path(info['run_dir']).resolve()}/mlflow.db"
+    from mebt.tracking import tracking_uri
+
+    uri = tracking_uri((config.get("mlflow") or {}).get("tracking_uri"), info["run_dir"])
     try:
         client = MlflowClient(uri)
         now = int(time.time() * 1000)
@@ -224,8 +239,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from mebt.i3d import load_i3d
 
     i3d = load_i3d(cfg.i3d).to(device) if cfg.i3d else None   # a missing weights file fails before sampling
-    out = Path(cfg.out_dir) if cfg.out_dir else (
-        info["run_dir"] / "eval" / info["tag"] if info["run_dir"] else Path(str(cfg.checkpoint) + ".eval"))
+    out = eval_dir(cfg, info)
     start = time.perf_counter()
     sample_batches(model, tokenizer, cfg, out / "samples", device)
     seconds_sampling = time.perf_counter() - start
@@ -253,26 +267,26 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def watch(run_dir: str | Path, make_config, poll_s: float = 30.0, max_evals: int | None = None) -> list[dict]:
     """Evaluate every checkpoint of a run once, as it appears, until stopped (Ctrl-C/SIGTERM) or
-    ``max_evals``. ``RUN_DIR/eval/global_stepN/report.json`` marks a checkpoint as done, so a restarted
+    ``max_evals``. The ``report.json`` in a checkpoint's ``eval_dir`` marks it as done, so a restarted
     watcher skips it; a checkpoint pruned by training before its turn is skipped with a message."""
     import signal
 
     from mebt.checkpoint import CheckpointError
-    from mebt.train_checkpoint import CKPT_DIR, META
+    from mebt.train_checkpoint import CKPT_DIR, META, tag_dirs
 
     ckpt_dir = Path(run_dir) / CKPT_DIR
     reports: list[dict] = []
     stop = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    print(f"mebt eval: watching {run_dir} every {poll_s:g} s; Ctrl-C or SIGTERM stops", flush=True)
     try:
         while not stop:
-            tags = sorted((p for p in ckpt_dir.glob("global_step*") if (p / META).is_file()),
-                          key=lambda p: int(p.name.removeprefix("global_step")))
-            for tag in tags:
-                if (Path(run_dir) / "eval" / tag.name / "report.json").exists():
+            for tag in (p for p in tag_dirs(ckpt_dir) if (p / META).is_file()):
+                cfg = make_config(str(tag))
+                if (eval_dir(cfg, {"run_dir": ckpt_dir.parent, "tag": tag.name}) / "report.json").exists():
                     continue
                 try:
-                    reports.append(evaluate(make_config(str(tag))))
+                    reports.append(evaluate(cfg))
                 except CheckpointError as e:
                     print(f"mebt eval: skipped {tag.name}: {e}")
                 if stop or (max_evals and len(reports) >= max_evals):

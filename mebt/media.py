@@ -54,11 +54,13 @@ def tile(frames: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarr
     return grid
 
 
-def side_by_side(real: np.ndarray, fake: np.ndarray, pad: int = 2) -> np.ndarray:
-    """Real clips in the top row, generated clips below: [N, T, H, W, 3] x 2 -> one [T, H', W', 3] grid."""
-    if real.shape != fake.shape:
-        raise ValueError(f"real and generated clips differ in shape: {list(real.shape)} vs {list(fake.shape)}")
-    return tile(np.concatenate([real, fake]), ncols=real.shape[0], pad=pad)
+def side_by_side(real: np.ndarray, *generated: np.ndarray, pad: int = 2) -> np.ndarray:
+    """Real clips in the top row, each set of generated clips in a row below: [N, T, H, W, 3] each -> one
+    [T, H', W', 3] grid."""
+    for fake in generated:
+        if real.shape != fake.shape:
+            raise ValueError(f"real and generated clips differ in shape: {list(real.shape)} vs {list(fake.shape)}")
+    return tile(np.concatenate([real, *generated]), ncols=real.shape[0], pad=pad)
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -155,12 +157,17 @@ def write_gif(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
 WRITERS = {"mp4": write_mp4, "gif": write_gif}
 
 
-def write_video_grid(videos: torch.Tensor, path_without_suffix: str | Path, fps: int = 8,
-                     ncols: int | None = None, formats: tuple[str, ...] = ("mp4", "gif")) -> list[Path]:
-    """Videos [N, C, T, H, W] in [-0.5, 0.5] -> one grid clip per format at ``path.<format>``; the paths written."""
+def write_formats(grid: np.ndarray, path_without_suffix: str | Path, fps: int = 8,
+                  formats: tuple[str, ...] = ("mp4", "gif")) -> list[Path]:
+    """uint8 frames [T, H, W, 3] -> one clip per format at ``path.<format>``; the paths written."""
     bad = [f for f in formats if f not in WRITERS]
     if bad:
         raise UserError(f"unknown video format '{bad[0]}' (known: {', '.join(WRITERS)})")
-    grid = tile(to_uint8(videos), ncols=ncols)
     base = Path(path_without_suffix)
     return [WRITERS[f](grid, base.with_name(f"{base.name}.{f}"), fps) for f in formats]
+
+
+def write_video_grid(videos: torch.Tensor, path_without_suffix: str | Path, fps: int = 8,
+                     ncols: int | None = None, formats: tuple[str, ...] = ("mp4", "gif")) -> list[Path]:
+    """Videos [N, C, T, H, W] in [-0.5, 0.5] -> one grid clip per format at ``path.<format>``; the paths written."""
+    return write_formats(tile(to_uint8(videos), ncols=ncols), path_without_suffix, fps, formats)

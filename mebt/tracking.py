@@ -36,6 +36,11 @@ class TrackingWarning(UserWarning):
     """Experiment tracking is degraded (server unreachable, points dropped); training goes on."""
 
 
+def tracking_uri(configured: str | None, run_dir: str | Path) -> str:
+    """Where a run logs: the configured URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the run dir."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+
+
 @dataclass
 class MLflowConfig:
     enabled: bool = True
@@ -89,7 +94,7 @@ class Tracker:
         self._cfg, self._run_dir = cfg, Path(run_dir).resolve()
         self._resume_id, self._params, self._tags = run_id, dict(params or {}), dict(tags or {})
         self._default_store = not (cfg.tracking_uri or env_uri)
-        self._uri = cfg.tracking_uri or env_uri or f"sqlite:///{self._run_dir / 'mlflow.db'}"
+        self._uri = tracking_uri(cfg.tracking_uri, self._run_dir)
         self._cond = threading.Condition()  # guards the queues and counters; notified when the thread progresses
         self._points: collections.deque = collections.deque()  # (seq, key, value, timestamp_ms, step)
         self._artifacts: collections.deque = collections.deque()  # (staged local copy, artifact_path)

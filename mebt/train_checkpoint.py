@@ -64,9 +64,14 @@ def save(engine, run_dir: Path, step: int, loader, generator: torch.Generator, c
     return ckpt_dir / tag
 
 
+def tag_dirs(ckpt_dir: Path) -> list[Path]:
+    """The ``global_stepN`` folders of a checkpoints dir, oldest step first (finished or not)."""
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("global_step*") if (m := _TAG.match(p.name))]
+    return [p for _, p in sorted(found) if p.is_dir()]
+
+
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
-    for _, path in tags[:-keep_last]:
+    for path in tag_dirs(ckpt_dir)[:-keep_last]:
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -137,6 +142,6 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
     ``consolidated_model``).
     """
     model, meta, tag_dir = consolidated_model(checkpoint)
-    save_model(model, out, extra={"step": meta["step"], "source": str(tag_dir),
-                                  "run_config": json.dumps(meta["config"])})
+    save_model(model, out, extra={"step": meta["step"], "source": str(tag_dir.resolve()), "tag": tag_dir.name,
+                                  "mlflow_run_id": meta.get("mlflow_run_id"), "run_config": json.dumps(meta["config"])})
     return {"out": str(out), "step": meta["step"], "params": model.num_params(), "tag": tag_dir.name}

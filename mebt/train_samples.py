@@ -25,12 +25,11 @@ class SampleWriter:
         if cfg.train.tokenizer and active:
             from mebt.vqgan_checkpoint import load_tokenizer
 
-            self.tokenizer = load_tokenizer(cfg.train.tokenizer)
+            self.tokenizer = load_tokenizer(cfg.train.tokenizer, map_location=device)   # decode where we train
             if self.tokenizer.cfg.n_codes != cfg.model.vocab_size:
                 raise UserError(f"tokenizer '{cfg.train.tokenizer}' has {self.tokenizer.cfg.n_codes} codes but "
                                 f"model.vocab_size is {cfg.model.vocab_size}; use the tokenizer the shards were "
                                 "made with")
-            self.tokenizer.eval()
 
     @torch.no_grad()
     def write(self, model, step: int, tracker) -> list[Path]:
@@ -50,7 +49,7 @@ class SampleWriter:
         tmp.replace(stem.with_suffix(".npy"))
         paths = [stem.with_suffix(".npy")]
         if self.tokenizer is not None:
-            video = self.tokenizer.decode(grids.to(next(self.tokenizer.parameters()).device))
+            video = self.tokenizer.decode(grids.to(self.device))
             paths += write_video_grid(video.float().cpu(), stem)
         for path in paths:
             tracker.log_artifact(path, artifact_path="samples")
