@@ -169,10 +169,10 @@ def test_single_process_without_launcher_logs_metrics_and_samples(codes_dir, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10]
-    for key in ("loss", "acc1", "lr", "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_s",
-                "peak_memory_mib"):
-        assert all(r[key] >= 0 for r in records), key
-    assert records[0]["lr"] > 0 and records[1]["tokens_per_s"] == pytest.approx(
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "step_time_s", "peak_memory_mib"):
+        assert all(r[key] > 0 for r in records), key   # a broken timer or memory probe would give 0
+    assert all(0 <= r["acc1"] <= 1 and r["data_wait_s"] >= 0 for r in records)
+    assert records[1]["tokens_per_s"] == pytest.approx(
         records[1]["samples_per_s"] * 32, rel=1e-6)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         f"step_{n:08d}.{ext}" for n in (5, 10) for ext in ("gif", "mp4", "npy")]
@@ -198,6 +198,7 @@ def test_zero_stages_offload_and_activation_checkpointing_train_alike(codes_dir,
     # In fp32 every way of partitioning or offloading the same optimisation is the same arithmetic: the
     # per-step losses agree (to rounding), and a stage-0 checkpoint exports too.
     variants = {"zero0": {"deepspeed.zero_stage": 0},
+                "zero0_accum": {"deepspeed.zero_stage": 0, "deepspeed.grad_accum": 2, "data.batch_size": 2},
                 "zero1_accum": {"deepspeed.zero_stage": 1, "deepspeed.grad_accum": 2, "data.batch_size": 2},
                 "zero3_offload": {"deepspeed.zero_stage": 3, "deepspeed.offload_optimizer": "true",
                                   "deepspeed.offload_param": "true"},
@@ -207,10 +208,11 @@ def test_zero_stages_offload_and_activation_checkpointing_train_alike(codes_dir,
         done = run(1, overrides(codes_dir, tmp_path / name, **{"train.steps": 6, **extra}))
         assert done.returncode == 0, done.stderr[-3000:]
         losses[name] = [r["loss"] for r in trace(tmp_path / name, 0)]
-    # grad_accum 2 x batch 2 draws other masks, so its losses differ: it must log 2 micro-batches per step.
+    # grad_accum 2 x batch 2 draws other masks, so its losses differ from the rest: 2 micro-batches per step,
+    # the same under ZeRO 0 and 1.
     accum = losses.pop("zero1_accum")
     assert [r["step"] for r in trace(tmp_path / "zero1_accum", 0)] == [s for s in range(1, 7) for _ in range(2)]
-    assert len(accum) == 12
+    assert accum == pytest.approx(losses.pop("zero0_accum"), rel=1e-5) and len(accum) == 12
     for name, got in losses.items():
         assert got == pytest.approx(losses["zero0"], rel=1e-5), name
     assert main(["export", str(tmp_path / "zero0"), str(tmp_path / "zero0.pt")]) == 0

@@ -53,14 +53,20 @@ def mebt_eval(*args, timeout=600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained):
-    run_dir = trained["run_dir"]
-    args = ["--checkpoint", run_dir, "--num-samples", 6, "--batch-size", 4, "--i3d", trained["i3d"],
+@pytest.fixture(scope="module")
+def scored(trained):
+    """The run's last checkpoint scored once (FVD/KVD into its MLflow run): args, result and seconds."""
+    args = ["--checkpoint", trained["run_dir"], "--num-samples", 6, "--batch-size", 4, "--i3d", trained["i3d"],
             "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 6, "--cache-dir",
             trained["cache"], "steps=2"]
     start = time.monotonic()
     done = mebt_eval(*args)
-    first_seconds = time.monotonic() - start
+    return args, done, time.monotonic() - start
+
+
+def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scored):
+    run_dir = trained["run_dir"]
+    args, done, first_seconds = scored
     assert done.returncode == 0, done.stderr[-3000:]
     out = run_dir / "eval" / "global_step4"
     report = json.loads((out / "report.json").read_text())
@@ -88,8 +94,8 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained):
     print(f"first evaluation {first_seconds:.1f} s, repeated {time.monotonic() - start:.1f} s")
 
 
-def test_runs_compare_shows_the_eval_metric_next_to_the_loss(trained, tmp_path):
-    # Runs after the scoring test: the training run now has eval/fvd16 at step 4.
+def test_runs_compare_shows_the_eval_metric_next_to_the_loss(trained, scored, tmp_path):
+    assert scored[1].returncode == 0, scored[1].stderr[-3000:]   # the training run now has eval/fvd16 at step 4
     plot = tmp_path / "compare.png"
     done = subprocess.run([sys.executable, "-m", "mebt.cli", "runs", "compare", "--tracking-uri",
                            str(trained["run_dir"]), "--experiment", "mebt", "--metric", "train/loss", "--metric",
@@ -135,22 +141,33 @@ def watcher(args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def stop_watcher(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGTERM once the watcher has said it is watching (its handler is installed by then); its output."""
+    first = proc.stdout.readline()
+    assert first.startswith("mebt eval: watching"), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    return first + out, err
+
+
 def test_watch_evaluates_each_checkpoint_once(trained, tmp_path):
-    run_dir = trained["run_dir"]
-    base = ["--watch", run_dir, "--num-samples", 2, "--batch-size", 2, "--poll-s", 0.5, "steps=2", "--no-mlflow"]
+    # --out: every checkpoint gets its own folder below it, and its report there marks it as done.
+    base = ["--watch", trained["run_dir"], "--out", tmp_path / "watch", "--num-samples", 2, "--batch-size", 2,
+            "--poll-s", 0.5, "steps=2", "--no-mlflow"]
+    reports = [tmp_path / "watch" / tag / "report.json" for tag in ("global_step2", "global_step4")]
     proc = watcher(base)
     deadline = time.monotonic() + 300
-    while not all((run_dir / "eval" / tag / "report.json").exists() for tag in ("global_step2", "global_step4")):
+    while not all(r.exists() for r in reports):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    out, _ = stop_watcher(proc)
+    assert "evaluated 2 checkpoint(s)" in out
+    assert [json.loads(r.read_text())["step"] for r in reports] == [2, 4]
+    stamps = [r.stat().st_mtime_ns for r in reports]
     # Every checkpoint has its marker now: a new watcher only polls until it is told to stop.
-    proc = watcher(base)
-    time.sleep(8)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "evaluated 0 checkpoint(s)" in out, err[-2000:]
+    out, _ = stop_watcher(watcher(base))
+    assert "evaluated 0 checkpoint(s)" in out and [r.stat().st_mtime_ns for r in reports] == stamps
 
 
 def test_eval_errors_are_one_line(trained, tmp_path):

@@ -203,7 +203,7 @@ def test_inactive_tracker_does_nothing(tmp_path):
 
 
 def test_system_metrics_are_logged(mlflow_server, tmp_path, monkeypatch):
-    pytest.importorskip("psutil")
+    import psutil   # noqa: F401  (deepspeed requires it; mlflow's system metrics need it)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", system_metrics=True, **FAST)
     tracker = Tracker(cfg, tmp_path, active=True)
