@@ -32,6 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -200,24 +201,41 @@ class ShardMaker:
                                   f"{self.settings['grid']}; check its downsampling configuration")
         return codes
 
+    def _encoded(self, entries: list[VideoEntry], skipped: list[dict]) -> Iterator[tuple[np.ndarray, dict]]:
+        """(codes, meta) of every clip of ``entries``, encoded a batch at a time."""
+        for batch in _batches(self._clips(entries, skipped), self.cfg.batch_size):
+            for (entry, clip), codes in zip(batch, self._encode([clip for _, clip in batch])):
+                yield codes, {"video_id": entry.video_id, "split": self.cfg.split, "start": int(clip["start"]),
+                              "stride": int(clip["stride"]), "fps": float(clip["fps"]),
+                              "source": _source(entry, self.root)}
+            self.report(len(batch))
+
     def make(self, index: int, entries: list[VideoEntry]) -> dict:
         name = shard_name(self.cfg.prefix, index)
-        out_dir = Path(self.cfg.out_dir)
-        rows, skipped = [], []
-        t, h, w = self.settings["grid"]
-        with ShardWriter(out_dir / name) as writer:
-            for batch in _batches(self._clips(entries, skipped), self.cfg.batch_size):
-                for (entry, clip), codes in zip(batch, self._encode([clip for _, clip in batch])):
-                    key = f"{Path(name).stem}-{writer.count:06d}"
-                    meta = {"video_id": entry.video_id, "split": self.cfg.split, "start": int(clip["start"]),
-                            "stride": int(clip["stride"]), "fps": float(clip["fps"]),
-                            "source": _source(entry, self.root)}
-                    rows.append({"shard": name, "key": key, "index": writer.count, **meta,
-                                 "grid_t": t, "grid_h": h, "grid_w": w})
-                    writer.write(key, codes, meta)
-                self.report(len(batch))
-        write_part(out_dir, name, rows, skipped)
-        return {"shard": name, "clips": len(rows), "skipped_videos": len(skipped)}
+        skipped: list[dict] = []
+        clips = write_code_shard(Path(self.cfg.out_dir), name, self._encoded(entries, skipped),
+                                 self.settings["grid"], skipped)
+        return {"shard": name, "clips": clips, "skipped_videos": len(skipped)}
+
+
+def write_code_shard(out_dir: Path, name: str, items: Iterable[tuple[np.ndarray, dict]], grid,
+                     skipped: Iterable[dict] = ()) -> int:
+    """Shard ``name`` from (codes [T', H', W'], meta) pairs, then its manifest part; returns the clip count.
+
+    Temporary files a killed run left for this shard are removed first; ``skipped`` (videos left out) is
+    read after ``items`` is exhausted, so a generator may fill it.
+    """
+    _remove_leftovers(out_dir, name)
+    rows = []
+    t, h, w = grid
+    with ShardWriter(out_dir / name) as writer:
+        for codes, meta in items:
+            key = f"{Path(name).stem}-{writer.count:06d}"
+            rows.append({"shard": name, "key": key, "index": writer.count, **meta,
+                         "grid_t": t, "grid_h": h, "grid_w": w})
+            writer.write(key, codes, meta)
+    write_part(out_dir, name, rows, list(skipped))
+    return len(rows)
 
 
 # A pool worker's ShardMaker, built once per process by ``_init_worker`` (the tokenizer is loaded once).
@@ -290,8 +308,6 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     done = finished_shards(out_dir, [shard_name(cfg.prefix, i) for i in mine])
     per = cfg.videos_per_shard
     jobs = [(i, job_plan.entries[i * per:(i + 1) * per]) for i in mine if shard_name(cfg.prefix, i) not in done]
-    for i, _ in jobs:
-        _remove_leftovers(out_dir, shard_name(cfg.prefix, i))
     with tqdm(desc=f"task {cfg.task_index}/{cfg.num_tasks}: {len(jobs)} shards", unit="clip",
               disable=not cfg.progress) as bar:
         if cfg.workers > 1 and len(jobs) > 1:

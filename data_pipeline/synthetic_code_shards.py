@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipeline.manifest import FORMAT_VERSION, finished_shards, merge_manifest, write_part
-from data_pipeline.preprocess import prepare_out_dir
-from data_pipeline.shard_format import ShardWriter, shard_name
+from data_pipeline.manifest import FORMAT_VERSION, finished_shards, merge_manifest
+from data_pipeline.preprocess import prepare_out_dir, write_code_shard
+from data_pipeline.shard_format import shard_name
 from data_pipeline.synthetic_codes import SyntheticCodesConfig, make_code_grids
 from mebt.config import ConfigError
 
@@ -51,14 +51,8 @@ def write_code_dataset(out_dir: str | Path, cfg: CodeDatasetConfig, progress: bo
     for i, name in enumerate(tqdm(names, desc="synthetic code shards", unit="shard", disable=not progress)):
         if name in done:
             continue
-        rows = []
-        with ShardWriter(out_dir / name) as writer:
-            for n in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(grids))):
-                key = f"{name.removesuffix('.tar')}-{writer.count:06d}"
-                meta = {"video_id": f"synth{n:06d}", "split": cfg.split, "start": 0, "stride": 1, "fps": 8.0,
-                        "source": "synthetic"}
-                rows.append({"shard": name, "key": key, "index": writer.count, **meta,
-                             "grid_t": cfg.grid[0], "grid_h": cfg.grid[1], "grid_w": cfg.grid[2]})
-                writer.write(key, grids[n], meta)
-        write_part(out_dir, name, rows, [])
+        items = ((grids[n], {"video_id": f"synth{n:06d}", "split": cfg.split, "start": 0, "stride": 1, "fps": 8.0,
+                             "source": "synthetic"})
+                 for n in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(grids))))
+        write_code_shard(out_dir, name, items, cfg.grid)
     return merge_manifest(out_dir)
