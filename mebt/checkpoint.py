@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from mebt.config import ConfigError, UserError, from_dict, to_dict
+from mebt.config import ConfigError, UserError, first_line, from_dict, to_dict
 from mebt.model import MeBT, MeBTConfig
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def first_line(e: Exception) -> str:
-    """The first line of an exception's message (torch.load errors span many lines)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_user_file(path: str | Path, what: str, error: type = None, map_location="cpu", mmap: bool = False):
