@@ -5,9 +5,10 @@ sees the known positions as contexts and all unknown positions as targets (the s
 every masked position is a target). Every step commits the same number of positions in every sample, so
 the context/target counts stay equal across the batch and each call is a single batched forward pass.
 
-- MaskGIT (published eval): at step k of n, t = k/n, every target is sampled; the most confident ones
-  (log p + tau * Gumbel, tau = ctemp * (1 - t)) become contexts until only ceil(cos(pi t'/2) * N) positions
-  stay masked, t' = (k+1)/n, so the last step commits everything.
+- MaskGIT (published eval): at step k of n, t = (k+1)/n, every target is sampled; the most confident ones
+  (log p + tau * Gumbel, tau = ctemp * (1 - t)) become contexts until only ceil(cos(pi t/2) * N) positions
+  stay masked. As in the official sampler, tau uses the same t as the count: it reaches 0 at the last
+  step, which commits every remaining position.
 - Chunks: a random permutation split into ``n_draft`` equal chunks, one committed per pass.
 - Revision: ``revise_rounds`` times, a fresh permutation split into ``n_revise`` chunks; each chunk is
   resampled given all the rest.
@@ -36,7 +37,7 @@ class SamplingConfig:
     temperature: float = 1.0        # token sampling temperature
     top_k: Optional[int] = None
     top_p: Optional[float] = None
-    ctemp: float = 4.5              # choice temperature tau0; at step k of n, t=k/n, tau = ctemp*(1-t)
+    ctemp: float = 4.5              # choice temperature tau0; at step k of n, tau = ctemp*(1-(k+1)/n)
     bootstrap: int = 0              # commit this many single random tokens, one per pass, before the schedule
     draft: Literal["maskgit", "chunks"] = "maskgit"
     n_draft: int = 0                # draft="chunks": number of passes, each committing an equal random chunk
@@ -217,7 +218,8 @@ class _Sampler:
         logits = self.forward(ctx_idx, tgt_idx)
         codes, logp = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, self.generator)
         confidence = logp
-        tau = cfg.ctemp * (1 - k / cfg.steps)
+        # The official sampler anneals with t_next = (k+1)/n, the time the commit count is taken at.
+        tau = cfg.ctemp * (1 - (k + 1) / cfg.steps)
         if tau > 0:  # log p + tau * Gumbel == log(p / E^tau) with E ~ Exp(1), the official ranking
             exp_noise = torch.empty_like(logp).exponential_(generator=self.generator)
             confidence = logp - tau * exp_noise.log()

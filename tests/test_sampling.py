@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from mebt.config import ConfigError
 from mebt.model import MeBT, MeBTConfig, select_rows
-from mebt.sampling import PRESETS, SamplingConfig, num_forward_passes, preset, sample, sample_logits
+from mebt.sampling import (PRESETS, SamplingConfig, maskgit_schedule, num_forward_passes, preset, sample,
+                           sample_logits)
 
 VOCAB = 16
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -238,6 +239,49 @@ def test_choice_temperature_trades_confidence_for_randomness():
     sample(noisy, SamplingConfig(steps=4, ctemp=100.0), 8, generator=seeded(0))
     assert greedy.first_committed.shape == (8, 2) and (greedy.first_committed < 8).all()
     assert (noisy.first_committed >= 8).any()
+
+
+class ContextSets(Recorder):
+    """Records the context positions of every call, sorted per sample."""
+
+    def forward(self, codes, ctx_idx, tgt_idx, rows=None):
+        self.contexts = getattr(self, "contexts", []) + [ctx_idx.sort(dim=1).values]
+        return super().forward(codes, ctx_idx, tgt_idx, rows)
+
+
+def replay_maskgit(table, cfg, batch, seed, tau):
+    """MaskGIT by hand for a context-free model: the same random draws as ``sample``, with ``tau(k)`` as the
+    choice temperature of pass k. Returns the codes and the (sorted) contexts of every pass."""
+    g = seeded(seed)
+    n = table.shape[0]
+    codes = torch.zeros(batch, n, dtype=torch.long)
+    known = torch.zeros(batch, n, dtype=torch.bool)
+    contexts = []
+    for k, n_new in maskgit_schedule(cfg, n):
+        contexts.append(known.nonzero()[:, 1].view(batch, -1))
+        tgt = (~known).nonzero()[:, 1].view(batch, -1)
+        drawn, confidence = sample_logits(table[tgt], cfg.temperature, generator=g)
+        if tau(k) > 0:  # rank by p / E^tau, E ~ Exp(1)
+            confidence = confidence - tau(k) * torch.empty_like(confidence).exponential_(generator=g).log()
+        pick = confidence.topk(n_new, dim=1).indices
+        pos = tgt.gather(1, pick)
+        codes.scatter_(1, pos, drawn.gather(1, pick))
+        known.scatter_(1, pos, True)
+    return codes, contexts
+
+
+def test_choice_temperature_of_each_pass_uses_the_count_time():
+    # Official: tau = ctemp * (1 - (k+1)/n) at pass k of n, the t_next that also sets the count (0 at the
+    # last pass); one step late, (1 - k/n), ranks the same draws differently.
+    table = Table(32, scale=3.0)
+    cfg = SamplingConfig(steps=6, ctemp=3.0)
+    rec = ContextSets(table)
+    out = sample(rec, cfg, 4, generator=seeded(2))
+    codes, contexts = replay_maskgit(table.table, cfg, 4, 2, lambda k: cfg.ctemp * (1 - (k + 1) / cfg.steps))
+    assert torch.equal(out, codes)
+    assert len(rec.contexts) == len(contexts) and all(map(torch.equal, rec.contexts, contexts))
+    _, late_contexts = replay_maskgit(table.table, cfg, 4, 2, lambda k: cfg.ctemp * (1 - k / cfg.steps))
+    assert not all(map(torch.equal, rec.contexts, late_contexts))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
