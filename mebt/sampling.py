@@ -9,11 +9,17 @@ the context/target counts stay equal across the batch and each call is a single 
   (log p + tau * Gumbel, tau = ctemp * (1 - t)) become contexts until only ceil(cos(pi t/2) * N) positions
   stay masked. As in the official sampler, tau uses the same t as the count: it reaches 0 at the last
   step, which commits every remaining position.
+- Bootstrap (before a MaskGIT draft): ``bootstrap`` random single positions, one per pass.
 - Chunks: a random permutation split into ``n_draft`` equal chunks, one committed per pass.
 - Revision: ``revise_rounds`` times, a fresh permutation split into ``n_revise`` chunks; each chunk is
   resampled given all the rest.
 - Conditional generation: ``given_mask`` positions hold ``given_codes`` from the start and are never
   resampled; the schedules and chunks run over the remaining free positions.
+
+Each phase samples tokens with its own settings: ``temperature``/``top_k``/``top_p`` apply to the draft
+(MaskGIT or chunks) only, ``bootstrap_*`` and ``revise_*`` to the other two phases. Their defaults are what
+the published scripts pass whatever the draft uses: temperature 1 and no top-k/top-p for the bootstrap,
+no top-k/top-p for revision.
 """
 from __future__ import annotations
 
@@ -34,16 +40,21 @@ from mebt.config import ConfigError
 @dataclass
 class SamplingConfig:
     steps: int = 32                 # MaskGIT steps
-    temperature: float = 1.0        # token sampling temperature
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
+    temperature: float = 1.0        # draft (MaskGIT or chunks) token sampling temperature
+    top_k: Optional[int] = None     # draft top-k
+    top_p: Optional[float] = None   # draft nucleus mass
     ctemp: float = 4.5              # choice temperature tau0; at step k of n, tau = ctemp*(1-(k+1)/n)
     bootstrap: int = 0              # commit this many single random tokens, one per pass, before the schedule
+    bootstrap_temperature: float = 1.0  # the bootstrap and revision have their own settings (module docstring)
+    bootstrap_top_k: Optional[int] = None
+    bootstrap_top_p: Optional[float] = None
     draft: Literal["maskgit", "chunks"] = "maskgit"
     n_draft: int = 0                # draft="chunks": number of passes, each committing an equal random chunk
     n_revise: int = 0               # revision: chunks per round (0 = no revision)
     revise_rounds: int = 0          # M rounds
     revise_temperature: float = 1.0
+    revise_top_k: Optional[int] = None
+    revise_top_p: Optional[float] = None
 
     def __post_init__(self):
         def check(ok: bool, key: str, must: str):
@@ -51,10 +62,11 @@ class SamplingConfig:
                 raise ConfigError(f"config key '{key}' {must}, got {getattr(self, key)!r}")
 
         check(self.steps >= 1, "steps", "must be a positive number of MaskGIT steps")
-        check(self.temperature > 0, "temperature", "must be > 0")
-        check(self.revise_temperature > 0, "revise_temperature", "must be > 0")
-        check(self.top_k is None or self.top_k >= 1, "top_k", "must be None or >= 1")
-        check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be None or in (0, 1]")
+        for phase in ("", "bootstrap_", "revise_"):
+            check(getattr(self, phase + "temperature") > 0, phase + "temperature", "must be > 0")
+            top_k, top_p = getattr(self, phase + "top_k"), getattr(self, phase + "top_p")
+            check(top_k is None or top_k >= 1, phase + "top_k", "must be None or >= 1")
+            check(top_p is None or 0 < top_p <= 1, phase + "top_p", "must be None or in (0, 1]")
         check(self.ctemp >= 0, "ctemp", "must be >= 0")
         check(self.bootstrap >= 0, "bootstrap", "must be >= 0")
         check(self.draft in ("maskgit", "chunks"), "draft", "must be 'maskgit' or 'chunks'")
@@ -69,7 +81,8 @@ class SamplingConfig:
               f"and revise_rounds ({self.revise_rounds}) must both be 0 (no revision) or both positive")
 
 
-# The published evaluation settings (reference section 3): MaskGIT draft, then revision.
+# The published evaluation settings (reference section 3): MaskGIT draft, then revision. The 128f scripts'
+# top_k=32 is a draft setting; their bootstrap and revision passes sample with the defaults.
 PRESETS: dict[str, SamplingConfig] = {
     "sky_16f": SamplingConfig(steps=32, ctemp=8.0, n_revise=2, revise_rounds=2, revise_temperature=0.7),
     "taichi_16f": SamplingConfig(steps=64, ctemp=2.0, n_revise=2, revise_rounds=8, revise_temperature=0.3),
@@ -201,14 +214,14 @@ class _Sampler:
         """A fresh random split of the free positions into n_chunks equal chunks: [n_chunks, B, c]."""
         return rearrange(self.random_order(), "b (k c) -> k b c", k=n_chunks)
 
-    def fill(self, chunk, temperature: float):
+    def fill(self, chunk, temperature: float, top_k: Optional[int], top_p: Optional[float]):
         """Sample the unknown positions ``chunk`` [B, c] in one pass and commit them."""
         ctx_idx, tgt_idx = self.split()
         # Where each grid position sits among the targets: the model computes logits for the chunk's rows only.
         slot = torch.zeros_like(self.codes)
         slot.scatter_(1, tgt_idx, torch.arange(tgt_idx.shape[1], device=slot.device).expand_as(tgt_idx))
         logits = self.forward(ctx_idx, tgt_idx, rows=slot.gather(1, chunk))
-        codes, _ = sample_logits(logits, temperature, self.cfg.top_k, self.cfg.top_p, self.generator)
+        codes, _ = sample_logits(logits, temperature, top_k, top_p, self.generator)
         self.commit(chunk, codes)
 
     def maskgit_step(self, k: int, n_new: int):
@@ -230,7 +243,8 @@ class _Sampler:
         """Forget the chunk and resample it given everything else."""
         self.known.scatter_(1, chunk, False)
         self.n_known -= chunk.shape[1]
-        self.fill(chunk, self.cfg.revise_temperature)
+        cfg = self.cfg
+        self.fill(chunk, cfg.revise_temperature, cfg.revise_top_k, cfg.revise_top_p)
 
 
 def _given_state(model, batch_size: int, given_codes, given_mask):
@@ -281,12 +295,12 @@ def sample(model: nn.Module, cfg: SamplingConfig, batch_size: int, *, given_code
         if cfg.draft == "maskgit":
             if cfg.bootstrap:  # single random positions, one per pass, so the schedule starts from some context
                 for pos in state.random_order()[:, :cfg.bootstrap].split(1, dim=1):
-                    state.fill(pos, cfg.temperature)
+                    state.fill(pos, cfg.bootstrap_temperature, cfg.bootstrap_top_k, cfg.bootstrap_top_p)
             for k, n_new in maskgit_schedule(cfg, n_free):
                 state.maskgit_step(k, n_new)
         else:
             for chunk in state.random_chunks(cfg.n_draft):
-                state.fill(chunk, cfg.temperature)
+                state.fill(chunk, cfg.temperature, cfg.top_k, cfg.top_p)
         for _ in range(cfg.revise_rounds):
             for chunk in state.random_chunks(cfg.n_revise):
                 state.revise(chunk)

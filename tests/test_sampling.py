@@ -207,9 +207,48 @@ def test_top_k_1_and_tiny_top_p_return_the_argmax():
     model = Table(32)
     argmax = model.table.argmax(dim=-1).expand(4, 32)
     for cfg in (SamplingConfig(steps=4, top_k=1), SamplingConfig(steps=4, top_p=1e-6),
-                SamplingConfig(draft="chunks", n_draft=2, n_revise=2, revise_rounds=1, top_k=1)):
+                SamplingConfig(draft="chunks", n_draft=2, n_revise=2, revise_rounds=1, top_k=1, revise_top_k=1),
+                SamplingConfig(draft="chunks", n_draft=2, n_revise=2, revise_rounds=1, revise_top_p=1e-6),
+                SamplingConfig(steps=4, top_k=1, bootstrap=8, bootstrap_top_k=1),
+                SamplingConfig(steps=4, top_k=1, bootstrap=8, bootstrap_top_p=1e-6)):
         assert torch.equal(sample(model, cfg, 4, generator=seeded(3)), argmax)
     assert not torch.equal(sample(model, SamplingConfig(steps=4), 4, generator=seeded(3)), argmax)
+
+
+def test_draft_top_k_leaves_bootstrap_and_revision_unfiltered():
+    # As in the published 128f scripts: top_k is the draft's; bootstrap and revision sample the full softmax.
+    model = Table(32)
+    argmax = model.table.argmax(dim=-1).expand(4, 32)
+    bootstrapped = sample(model, SamplingConfig(steps=4, top_k=1, bootstrap=8), 4, generator=seeded(3))
+    misses = (bootstrapped != argmax).sum(dim=1)
+    assert misses.sum() > 0 and (misses <= 8).all()  # only the 8 bootstrap positions per sample can miss
+    revised = SamplingConfig(draft="chunks", n_draft=2, n_revise=2, revise_rounds=1, top_k=1)
+    assert not torch.equal(sample(model, revised, 4, generator=seeded(3)), argmax)
+
+
+def test_each_phase_samples_with_its_own_settings(monkeypatch):
+    import mebt.sampling
+
+    seen = []
+
+    def spy(logits, temperature, top_k=None, top_p=None, generator=None):
+        seen.append((temperature, top_k, top_p))
+        return sample_logits(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(mebt.sampling, "sample_logits", spy)
+    phases = dict(steps=4, bootstrap=3, n_revise=2, revise_rounds=2)
+    n_maskgit = num_forward_passes(SamplingConfig(**phases), 32) - 3 - 4
+    draft = dict(temperature=0.9, top_k=5, top_p=0.8)
+    sample(Oracle(32), SamplingConfig(**phases, **draft, revise_temperature=0.7), 2, generator=seeded(0))
+    assert seen == [(1.0, None, None)] * 3 + [(0.9, 5, 0.8)] * n_maskgit + [(0.7, None, None)] * 4
+    seen.clear()
+    sample(Oracle(32), SamplingConfig(**phases, **draft, bootstrap_temperature=0.5, bootstrap_top_k=3,
+                                      bootstrap_top_p=0.6, revise_top_k=2, revise_top_p=0.95), 2, generator=seeded(0))
+    assert seen == [(0.5, 3, 0.6)] * 3 + [(0.9, 5, 0.8)] * n_maskgit + [(1.0, 2, 0.95)] * 4
+    seen.clear()
+    sample(Oracle(32), SamplingConfig(draft="chunks", n_draft=2, n_revise=4, revise_rounds=1, **draft), 2,
+           generator=seeded(0))
+    assert seen == [(0.9, 5, 0.8)] * 2 + [(1.0, None, None)] * 4
 
 
 def test_revision_uses_its_own_temperature():
@@ -303,7 +342,7 @@ def test_top_p_samples_stay_in_the_nucleus():
     assert torch.allclose(logp.exp(), nucleus[codes])
 
 
-PUBLISHED = {  # reference section 3: steps, ctemp, top_k, bootstrap, n_revise, M, revise temperature
+PUBLISHED = {  # reference section 3: steps, ctemp, draft top_k, bootstrap, n_revise, M, revise temperature
     "sky_16f": (32, 8.0, None, 0, 2, 2, 0.7),
     "taichi_16f": (64, 2.0, None, 0, 2, 8, 0.3),
     "ucf_16f": (128, 6.0, None, 0, 4, 4, 0.7),
@@ -318,7 +357,10 @@ def test_presets_match_the_reference_table(name):
     cfg = preset(name)
     values = (cfg.steps, cfg.ctemp, cfg.top_k, cfg.bootstrap, cfg.n_revise, cfg.revise_rounds, cfg.revise_temperature)
     assert values == PUBLISHED[name]
-    assert cfg.draft == "maskgit" and cfg.temperature == 1.0
+    assert cfg.draft == "maskgit" and cfg.temperature == 1.0 and cfg.top_p is None
+    # The scripts bootstrap at temperature 1 and revise without top-k/top-p (--revise_k/--revise_p unset).
+    assert (cfg.bootstrap_temperature, cfg.bootstrap_top_k, cfg.bootstrap_top_p) == (1.0, None, None)
+    assert (cfg.revise_top_k, cfg.revise_top_p) == (None, None)
     n = 1024 if name.endswith("16f") else 8192
     draft = len(cosine_ctx_counts(cfg.steps, n, cfg.bootstrap))
     assert num_forward_passes(cfg, n) == cfg.bootstrap + draft + cfg.n_revise * cfg.revise_rounds
@@ -336,9 +378,14 @@ def test_presets_cover_exactly_the_table_and_unknown_names_list_them():
     (dict(steps=0), "steps"),
     (dict(temperature=0.0), "temperature"),
     (dict(revise_temperature=-1.0), "revise_temperature"),
+    (dict(bootstrap_temperature=0.0), "bootstrap_temperature"),
     (dict(top_k=0), "top_k"),
+    (dict(bootstrap_top_k=0), "bootstrap_top_k"),
+    (dict(revise_top_k=-2), "revise_top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
+    (dict(bootstrap_top_p=1.5), "bootstrap_top_p"),
+    (dict(revise_top_p=0.0), "revise_top_p"),
     (dict(ctemp=-1.0), "ctemp"),
     (dict(bootstrap=-1), "bootstrap"),
     (dict(draft="random"), "draft"),
