@@ -48,10 +48,10 @@ class MeBTLoss(nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, codes, ctx_idx, tgt_idx):
+    def forward(self, codes, ctx_idx, tgt_idx, n_masked: int):
         features = self.model(codes, ctx_idx, tgt_idx, features_only=True)
         return chunked_masked_loss(features, self.model.head, codes, tgt_idx, self.objective.label_smoothing,
-                                   self.objective.loss_chunk_rows)
+                                   self.objective.loss_chunk_rows, n_masked=n_masked)
 
 
 @dataclass
@@ -182,7 +182,7 @@ def train(cfg: RunConfig) -> dict:
             # Clip length and mask ratio from (seed, step, micro-batch): the same on every rank, nothing to save.
             shared = torch.Generator().manual_seed(hash((tc.seed, state.step, micro)) & (2 ** 63 - 1))
             masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step, state.masks, shared)
-            loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device))
+            loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device), masks.n_masked)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())

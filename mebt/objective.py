@@ -2,8 +2,10 @@
 
 Per batch (official recipe): t ~ U(t_range), mask ratio r = schedule(t), n_masked = ceil(r * N); a random
 permutation per sample makes the first N - n_masked positions contexts and the last min(budget, n_masked)
-targets. For long videos a length curriculum (``t_prior``) first draws a clip of L latent frames at a
-random temporal offset per sample, so early training sees short clips at every position of the grid.
+targets. The loss is the summed cross-entropy over the targets divided by B * n_masked (the official
+``avg_loss``): the mean over the targets without a budget. For long videos a length curriculum
+(``t_prior``) first draws a clip of L latent frames at a random temporal offset per sample, so early
+training sees short clips at every position of the grid.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class MaskedBatch:
     tgt_idx: torch.Tensor   # [B, N_tgt]
     clip_frames: int        # latent frames L of the curriculum window
     mask_ratio: float
+    n_masked: int           # masked positions per sample: N_tgt, or more when target_budget caps the targets
 
 
 def clip_length_probs(prior: str, n_frames: int, step: int) -> torch.Tensor:
@@ -94,7 +97,7 @@ def sample_masks(cfg: ObjectiveConfig, batch_size: int, latent_shape, step: int 
     n_tgt = n_masked if cfg.target_budget is None else min(cfg.target_budget, n_masked)
     perm = torch.rand(batch_size, n, generator=generator).argsort(dim=1) + offset * frame
     return MaskedBatch(ctx_idx=perm[:, : n - n_masked], tgt_idx=perm[:, n - n_tgt:], clip_frames=clip,
-                       mask_ratio=ratio)
+                       mask_ratio=ratio, n_masked=n_masked)
 
 
 def _loss_terms(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float):
@@ -111,17 +114,28 @@ def _chunk_terms(features, head, labels, label_smoothing):
     return _loss_terms(head(features), labels, label_smoothing)
 
 
-def masked_loss(logits: torch.Tensor, codes: torch.Tensor, tgt_idx: torch.Tensor,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Mean cross-entropy over targets plus top-1/top-5 accuracy, from logits [B, N_tgt, V]."""
+def _per_masked(ce: torch.Tensor, tgt_idx: torch.Tensor, n_masked: Optional[int]) -> torch.Tensor:
+    # The official loss divides by B * n_masked, not by the number of targets: under a target budget it is
+    # the targets' mean scaled by n_targets / n_masked, and a reproduction must weigh its gradients the same.
+    n_masked = tgt_idx.shape[1] if n_masked is None else n_masked
+    if n_masked < tgt_idx.shape[1]:
+        raise ValueError(f"n_masked ({n_masked}) is below the {tgt_idx.shape[1]} targets per sample")
+    return ce / (tgt_idx.shape[0] * n_masked)
+
+
+def masked_loss(logits: torch.Tensor, codes: torch.Tensor, tgt_idx: torch.Tensor, label_smoothing: float = 0.0,
+                *, n_masked: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+    """Summed cross-entropy over targets / (B * n_masked) plus top-1/top-5 accuracy over the targets, from
+    logits [B, N_tgt, V]. ``n_masked``: masked positions per sample (default N_tgt: the mean over targets)."""
     labels = codes.flatten(1).gather(1, tgt_idx).flatten()
     ce, hit1, hit5 = _loss_terms(logits.flatten(0, 1), labels, label_smoothing)
     n = labels.numel()
-    return ce / n, {"acc1": hit1.item() / n, "acc5": hit5.item() / n}
+    return _per_masked(ce, tgt_idx, n_masked), {"acc1": hit1.item() / n, "acc5": hit5.item() / n}
 
 
 def chunked_masked_loss(features: torch.Tensor, head: nn.Linear, codes: torch.Tensor, tgt_idx: torch.Tensor,
-                        label_smoothing: float = 0.0, chunk_rows: int = 4096) -> tuple[torch.Tensor, dict]:
+                        label_smoothing: float = 0.0, chunk_rows: int = 4096, *,
+                        n_masked: Optional[int] = None) -> tuple[torch.Tensor, dict]:
     """``masked_loss(head(features), ...)`` without ever holding more than ``chunk_rows`` rows of logits.
 
     At 16384 codes the fp32 logits of 8192 targets are 512 MiB per sample, more than all of MeBT's other
@@ -135,7 +149,7 @@ def chunked_masked_loss(features: torch.Tensor, head: nn.Linear, codes: torch.Te
         terms = checkpoint(_chunk_terms, rows[part], head, labels[part], label_smoothing, use_reentrant=False)
         ce, hit1, hit5 = ce + terms[0], hit1 + terms[1], hit5 + terms[2]
     n = labels.numel()
-    return ce / n, {"acc1": int(hit1) / n, "acc5": int(hit5) / n}
+    return _per_masked(ce, tgt_idx, n_masked), {"acc1": int(hit1) / n, "acc5": int(hit5) / n}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,6 +1,7 @@
 """`mebt train` with real DeepSpeed engines: 2 processes over gloo, exact resume after kill -9 and SIGTERM,
 export, and one-line errors before anything is created."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,11 +16,13 @@ import torch
 from mebt.checkpoint import load_model
 from mebt.cli import main
 from mebt.distributed import free_port
-from mebt.engine import REQUEUE_EXIT_CODE
+from mebt.engine import REQUEUE_EXIT_CODE, MeBTLoss
+from mebt.model import MeBT
+from mebt.objective import ObjectiveConfig, masked_loss, sample_masks
 from mebt.vqgan import VQGAN, VQGANConfig
 from mebt.vqgan_checkpoint import save_tokenizer
 
-from tests.conftest import CODES_GRID as GRID
+from tests.conftest import CODES_GRID as GRID, tiny_config
 
 
 def overrides(codes_dir, run_dir, **extra) -> list[str]:
@@ -217,6 +220,29 @@ def test_zero_stages_offload_and_activation_checkpointing_train_alike(codes_dir,
         assert got == pytest.approx(losses["zero0"], rel=1e-5), name
     assert main(["export", str(tmp_path / "zero0"), str(tmp_path / "zero0.pt")]) == 0
     assert load_model(tmp_path / "zero0.pt").cfg.latent_shape == GRID
+
+
+def test_target_budget_loss_module_divides_by_the_masked_count():
+    torch.manual_seed(0)
+    model = MeBT(tiny_config(vocab_size=8, latent_shape=GRID))
+    objective = ObjectiveConfig(t_range=(0.5, 0.5), target_budget=3, loss_chunk_rows=4)
+    m = sample_masks(objective, 2, GRID, 0, torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 8, (2, 32))
+    loss, _ = MeBTLoss(model, objective)(codes, m.ctx_idx, m.tgt_idx, m.n_masked)
+    assert m.n_masked == 16 and m.tgt_idx.shape[1] == 3
+    expected, _ = masked_loss(model(codes, m.ctx_idx, m.tgt_idx), codes, m.tgt_idx, n_masked=16)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_target_budget_training_loss_is_per_masked_position(codes_dir, tmp_path):
+    # 2 targets of 16 masked positions: the official loss is about ln(8) * 2/16 near initialisation, where
+    # a mean over the targets would be about ln(8). Run under ZeRO-3, which wraps the loss module's call.
+    run_dir = tmp_path / "run"
+    done = run(1, overrides(codes_dir, run_dir, **{"train.steps": 3, "deepspeed.zero_stage": 3,
+                                                   "objective.target_budget": 2, "objective.t_range": "[0.5,0.5]"}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [r["loss"] for r in trace(run_dir, 0)]
+    assert len(losses) == 3 and all(0 < loss < math.log(8) / 4 for loss in losses), losses
 
 
 @pytest.mark.parametrize("extra, message", [

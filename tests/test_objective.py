@@ -26,6 +26,7 @@ def test_masks_partition_the_grid_with_the_scheduled_count(schedule):
         m = sample_masks(cfg, 4, (2, 4, 4), step, g)
         n_masked = min(max(math.ceil(m.mask_ratio * 32), 1), 32)
         assert m.ctx_idx.shape == (4, 32 - n_masked) and m.tgt_idx.shape == (4, n_masked)
+        assert m.n_masked == n_masked
         both = torch.cat([m.ctx_idx, m.tgt_idx], 1).sort(1).values
         assert torch.equal(both, torch.arange(32).expand(4, 32))  # disjoint, covering every position
     # per-sample permutations differ (at a fixed half mask, where the sets cannot coincide by necessity)
@@ -37,7 +38,7 @@ def test_target_budget_caps_targets_and_t_range_fixes_ratio():
     cfg = ObjectiveConfig(t_range=(0.25, 0.25), target_budget=5)
     m = sample_masks(cfg, 3, (2, 4, 4), 0, torch.Generator().manual_seed(0))
     assert m.mask_ratio == pytest.approx(0.75)
-    assert m.ctx_idx.shape[1] == 32 - 24 and m.tgt_idx.shape[1] == 5
+    assert m.ctx_idx.shape[1] == 32 - 24 and m.tgt_idx.shape[1] == 5 and m.n_masked == 24
     assert not set(m.ctx_idx[0].tolist()) & set(m.tgt_idx[0].tolist())
 
 
@@ -50,6 +51,7 @@ def test_curriculum_windows_are_contiguous_frames_at_random_offsets():
         pos = torch.cat([m.ctx_idx, m.tgt_idx], 1)
         first_frame = pos.min(1).values // 4
         assert pos.shape[1] == m.clip_frames * 4
+        assert m.n_masked == m.clip_frames * 4 - m.ctx_idx.shape[1]   # masked within the window, not the grid
         assert torch.equal(pos.sort(1).values, first_frame[:, None] * 4 + torch.arange(m.clip_frames * 4))
         offsets.update(first_frame.tolist())
     assert len(offsets) > 3
@@ -92,6 +94,23 @@ def test_loss_is_mean_cross_entropy_over_targets_with_accuracy():
     assert masked_loss(wrong, codes, tgt)[1]["acc1"] == 0.0
 
 
+def test_loss_under_a_target_budget_is_per_masked_position():
+    # Official avg_loss: summed cross-entropy over the targets / (B * n_masked); accuracy stays per target.
+    torch.manual_seed(0)
+    codes = torch.randint(0, 10, (2, 8))
+    tgt = torch.tensor([[0, 2, 5], [1, 3, 4]])   # 3 targets of the 6 masked positions per sample
+    logits = torch.randn(2, 3, 10)
+    labels = codes.gather(1, tgt).flatten()
+    summed = F.cross_entropy(logits.reshape(6, 10), labels, reduction="sum")
+    loss, metrics = masked_loss(logits, codes, tgt, n_masked=6)
+    assert loss.item() == pytest.approx(summed.item() / (2 * 6))
+    mean, mean_metrics = masked_loss(logits, codes, tgt)
+    assert mean.item() == pytest.approx(summed.item() / 6) and metrics == mean_metrics
+    assert masked_loss(logits, codes, tgt, n_masked=3)[0].item() == pytest.approx(mean.item())
+    with pytest.raises(ValueError, match="below the 3 targets"):
+        masked_loss(logits, codes, tgt, n_masked=2)
+
+
 def test_param_groups_decay_only_linear_weights():
     model = MeBT(tiny_config())
     decay, no_decay = param_groups(model, 0.01)
@@ -112,19 +131,26 @@ def test_bad_objective_values():
         ObjectiveConfig(target_budget=0)
 
 
-def test_chunked_loss_equals_plain_loss_and_gradients_and_saves_no_full_logits():
+@pytest.mark.parametrize("budget", [None, 9])
+def test_chunked_loss_equals_plain_loss_and_gradients_and_saves_no_full_logits(budget):
     torch.manual_seed(0)
     model = MeBT(tiny_config())
     codes = torch.randint(0, 24, (2, 32))
-    m = sample_masks(ObjectiveConfig(t_range=(0.3, 0.3)), 2, (2, 4, 4), 0, torch.Generator().manual_seed(0))
-    plain, plain_metrics = masked_loss(model(codes, m.ctx_idx, m.tgt_idx), codes, m.tgt_idx, 0.1)
+    cfg = ObjectiveConfig(t_range=(0.3, 0.3), target_budget=budget)
+    m = sample_masks(cfg, 2, (2, 4, 4), 0, torch.Generator().manual_seed(0))
+    assert (m.n_masked, m.tgt_idx.shape[1]) == ((23, 23) if budget is None else (23, 9))
+    logits = model(codes, m.ctx_idx, m.tgt_idx)
+    plain, plain_metrics = masked_loss(logits, codes, m.tgt_idx, 0.1, n_masked=m.n_masked)
+    summed = F.cross_entropy(logits.flatten(0, 1), codes.gather(1, m.tgt_idx).flatten(), label_smoothing=0.1,
+                             reduction="sum")
+    assert plain.item() == pytest.approx(summed.item() / (2 * 23), rel=1e-6)
     plain.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         chunked, metrics = chunked_masked_loss(model.features(codes, m.ctx_idx, m.tgt_idx), model.head, codes,
-                                               m.tgt_idx, 0.1, chunk_rows=5)
+                                               m.tgt_idx, 0.1, chunk_rows=5, n_masked=m.n_masked)
     chunked.backward()
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6) and metrics == plain_metrics
     for g, p in zip(grads, model.parameters()):
