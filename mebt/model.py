@@ -182,7 +182,8 @@ class MeBT(nn.Module):
         codes = codes.flatten(1)
         ctx = self.drop(self.tok_emb(codes.gather(1, ctx_idx)) + self.pos_emb[ctx_idx])
         tgt = self.drop(self.mask_emb + self.pos_emb[tgt_idx])
-        lat = self.latents.expand(codes.shape[0], -1, -1)
+        # The official embedding dropout covers the latents too (each sample gets its own mask); identity in eval.
+        lat = self.drop(self.latents.expand(codes.shape[0], -1, -1))
         for i, kind in enumerate(self.kinds):
             if kind == "latent_enc":
                 lat = self._block(i, lat, ctx)

@@ -115,6 +115,30 @@ def test_dropout_active_only_in_training():
     assert torch.equal(model(codes, ctx, tgt), model(codes, ctx, tgt))
 
 
+def test_embedding_dropout_covers_the_latents_in_training_only():
+    # Official GPT: self.drop applies to sos_emb (the latents) as well as to contexts and targets.
+    torch.manual_seed(0)
+    model = MeBT(tiny_config(dropout=0.5))
+    assert model.kinds[0] == "latent_enc"
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(args[0].detach().clone()))
+    codes = torch.randint(0, 24, (2, 32))
+    ctx, tgt = split(32, 16)
+    model.train()
+    model(codes, ctx, tgt)
+    latents = model.latents.detach().expand(2, -1, -1)
+    kept = seen[-1] != 0
+    assert 0 < kept.float().mean() < 1   # dropped elements are zero, the rest scaled by 1 / (1 - p)
+    assert torch.allclose(seen[-1][kept], 2 * latents[kept])
+    assert not torch.equal(kept[0], kept[1])   # a mask per sample
+    model.eval()
+    logits = model(codes, ctx, tgt)
+    assert torch.equal(seen[-1], latents)
+    plain = MeBT(tiny_config(dropout=0.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(codes, ctx, tgt), logits)
+
+
 def test_fully_masked_sample_still_gives_every_parameter_a_gradient():
     # ZeRO reduces gradient buckets by layout: a rank whose step had no context tokens must still produce a
     # (zero) gradient for every projection, or its buckets mismatch the other ranks' and the collective fails.
