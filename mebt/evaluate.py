@@ -2,16 +2,16 @@
 
 ``evaluate(cfg)`` reads top to bottom: model + tokenizer -> sample and decode this process's batches
 (each batch is a file; batches already on disk are kept, so an interrupted evaluation resumes) -> I3D
-features of the samples -> real-video features (cached on disk, keyed by dataset, split, clip settings,
-count, seed and I3D weights) -> FVD/KVD -> ``report.json`` + an MP4/GIF grid of samples -> the
-metrics logged into the training run's MLflow run at the checkpoint's step. Batches are seeded by their
-index, so several processes (``shard_index``/``num_shards``) each sample a slice and the result does
-not depend on how the work was split or resumed.
+features of those batches (``mebt.eval_fvd``) -> once every batch exists: real-video features (cached on
+disk) -> FVD/KVD by the chosen protocol (``mebt.fvd_protocols``: network numerics, pixel rounding,
+arithmetic, counts and runs) -> ``report.json`` + an MP4/GIF grid of samples -> the metrics logged into
+the training run's MLflow run at the checkpoint's step. Batches are seeded by their index, so several
+processes (``shard_index``/``num_shards``) each sample a slice and the result does not depend on how
+the work was split or resumed. FVD uses the standard I3D (``mebt.i3d_weights``) unless ``i3d`` names a
+weights file, and needs real videos (``real_dir``).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mebt.checkpoint import file_sha256, load_model_with_extras
-from mebt.config import ConfigError, UserError
+from data_pipeline.manifest import atomic_write_bytes
+from mebt.checkpoint import load_model_with_extras
+from mebt.config import ConfigError, UserError, first_line
 from mebt.distributed import pick_device
+from mebt.fvd_protocols import get_protocol, resolve_counts
+from mebt.i3d_weights import cache_root
 from mebt.media import tile, to_uint8, write_formats
 from mebt.sampling import SamplingConfig, sample
 
@@ -34,32 +37,39 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     out_dir: str | None = None             # default: RUN_DIR/eval/global_stepN, or MODEL.eval/
     tokenizer: str | None = None           # default: the run config's train.tokenizer
-    num_samples: int = 256
+    protocol: str = "float64"              # mebt.fvd_protocols: float64, tats, mebt_16f, mebt_128f
+    num_samples: int | None = None         # generated videos per run (default 256, or the protocol's)
+    runs: int | None = None                # generated sets, each scored (default 1, or the protocol's)
     batch_size: int = 16
     frames: int | None = None              # score the first F decoded frames (default: all)
-    i3d: str | None = None                 # i3d_pretrained_400.pt; without it no FVD/KVD
-    real_dir: str | None = None            # videos (split files) for the real statistics
+    i3d: str | None = None                 # I3D weights file; default: the standard TF-Hub network
+    real_dir: str | None = None            # videos (split files) for the real statistics; without: no FVD
     real_split: str = "test"
-    num_real: int = 256
-    protocol: str = "float64"              # float64 (StyleGAN-V) or tats (TATS/MeBT papers)
+    num_real: int | None = None            # real clips (default 256, or the protocol's)
+    real_frame_stride: int | None = None   # default: the training data's clip frame stride, else 1
     seed: int = 0
     shard_index: int = 0
     num_shards: int = 1
-    cache_dir: str = str(Path.home() / ".cache" / "mebt" / "real_features")
+    cache_dir: str = str(cache_root() / "real_features")
     grid_samples: int = 8
     device: str = "auto"
     log_mlflow: bool = True
 
     def __post_init__(self):
-        for key in ("num_samples", "batch_size", "num_real", "num_shards", "grid_samples"):
+        for key in ("batch_size", "num_shards", "grid_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard index {self.shard_index} is outside 0..{self.num_shards - 1}")
-        from mebt.fvd import PROTOCOLS
+        counts = resolve_counts(get_protocol(self.protocol), num_samples=self.num_samples, runs=self.runs,
+                                num_real=self.num_real)
+        self.num_samples, self.runs, self.num_real = counts["num_samples"], counts["runs"], counts["num_real"]
+        if self.real_frame_stride is not None and self.real_frame_stride < 1:
+            raise ConfigError(f"'real_frame_stride' must be >= 1, got {self.real_frame_stride}")
 
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+    @property
+    def total_samples(self) -> int:
+        return self.num_samples * self.runs
 
 
 def load_for_eval(checkpoint: str | Path):
@@ -93,46 +103,82 @@ def eval_dir(cfg: EvalConfig, info: dict) -> Path:
 
 
 def _num_batches(cfg: EvalConfig) -> int:
-    return -(-cfg.num_samples // cfg.batch_size)
+    return -(-cfg.total_samples // cfg.batch_size)
 
 
 def _batches(cfg: EvalConfig) -> list[int]:
     return [j for j in range(_num_batches(cfg)) if j % cfg.num_shards == cfg.shard_index]
 
 
+def _batch_file(out: Path, j: int) -> Path:
+    return out / f"batch_{j:05d}.npz"
+
+
 def sample_batches(model, tokenizer, cfg: EvalConfig, out: Path, device) -> None:
-    """This process's batches as ``samples/batch_J.npz`` (codes + uint8 video), skipping finished ones."""
+    """This process's batches as ``samples/batch_J.npz`` (codes + uint8 video), skipping finished ones.
+
+    Videos are stored with the protocol's pixel rule; a batch stored under another rule is decoded again
+    from its codes (sampling is the expensive part, decoding is not).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in _batches(cfg) if not (out / f"batch_{j:05d}.npz").exists()]
+    pixels = get_protocol(cfg.protocol).pixels
     shape = model.cfg.latent_shape
-    for j in tqdm(todo, desc="sampling + decoding", unit="batch"):
-        n = min(cfg.batch_size, cfg.num_samples - j * cfg.batch_size)
+    todo = []
+    for j in _batches(cfg):
+        path = _batch_file(out, j)
+        if path.exists():
+            with np.load(path, allow_pickle=False) as batch:
+                if str(batch["pixels"]) == pixels:
+                    continue
+                todo.append((j, torch.from_numpy(batch["codes"].astype(np.int64)).to(device)))
+        else:
+            todo.append((j, None))
+    for j, codes in tqdm(todo, desc="sampling + decoding", unit="batch"):
+        n = min(cfg.batch_size, cfg.total_samples - j * cfg.batch_size)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + j)
         with torch.no_grad():
-            codes = sample(model, cfg.sampling, n, generator=generator).view(n, *shape)
-            video = to_uint8(tokenizer.decode(codes).float().cpu())
+            if codes is None:
+                codes = sample(model, cfg.sampling, n, generator=generator).view(n, *shape)
+            video = to_uint8(tokenizer.decode(codes).float().cpu(), pixels=pixels)
         tmp = out / f".batch_{j:05d}.tmp.npz"
-        np.savez(tmp, codes=codes.cpu().numpy().astype(np.int16), video=video)
-        tmp.replace(out / f"batch_{j:05d}.npz")
+        np.savez(tmp, codes=codes.cpu().numpy().astype(np.int16), video=video, pixels=np.array(pixels))
+        tmp.replace(_batch_file(out, j))
 
 
-def load_samples(cfg: EvalConfig, out: Path) -> np.ndarray | None:
-    """uint8 [N, T, H, W, 3] of every batch, or None while some batch (another shard's) is missing."""
-    files = [out / f"batch_{j:05d}.npz" for j in range(_num_batches(cfg))]
-    if not all(f.exists() for f in files):
-        return None
-    return np.concatenate([np.load(f, allow_pickle=False)["video"] for f in files])
+def samples_complete(cfg: EvalConfig, out: Path) -> bool:
+    """Whether every batch exists (other shards' too)."""
+    return all(_batch_file(out, j).exists() for j in range(_num_batches(cfg)))
 
 
-def real_clips(cfg: EvalConfig, frames: int, resolution: int) -> np.ndarray:
+def first_videos(cfg: EvalConfig, out: Path, n: int) -> np.ndarray:
+    """uint8 [n, T, H, W, 3]: the first n samples, reading only the batches that hold them."""
+    batches = [np.load(_batch_file(out, j), allow_pickle=False)["video"] for j in range(-(-n // cfg.batch_size))]
+    return np.concatenate(batches)[:n]
+
+
+def real_frame_stride(cfg: EvalConfig, info: dict) -> int:
+    """The frame stride of real clips: given, else the one the training clips were cut with, else 1."""
+    if cfg.real_frame_stride:
+        return cfg.real_frame_stride
+    data_dir = ((info.get("config") or {}).get("data") or {}).get("data_dir")
+    try:
+        from data_pipeline.manifest import read_dataset_json
+
+        return int(read_dataset_json(data_dir)["clip"]["frame_stride"]) if data_dir else 1
+    except Exception:   # a dataset moved or deleted since training: the plain default
+        return 1
+
+
+def real_clips(cfg: EvalConfig, frames: int, resolution: int, stride: int) -> np.ndarray:
     """``num_real`` uint8 [T, H, W, 3] clips of real videos (random starts, seeded), decoded from the files."""
     from data_pipeline.video import ClipConfig, VideoClipDataset
 
-    dataset = VideoClipDataset(cfg.real_dir, cfg.real_split, ClipConfig(sequence_length=frames, resolution=resolution),
+    dataset = VideoClipDataset(cfg.real_dir, cfg.real_split,
+                               ClipConfig(sequence_length=frames, resolution=resolution, frame_stride=stride),
                                seed=cfg.seed)
     clips = []
     epoch = 0
-    with tqdm(total=cfg.num_real, desc="real clips", unit="clip") as bar:
+    with tqdm(total=cfg.num_real, desc=f"real clips ({frames} frames)", unit="clip") as bar:
         while len(clips) < cfg.num_real:   # one random clip per video per epoch, new starts each epoch
             dataset.set_epoch(epoch)
             for i in range(min(len(dataset), cfg.num_real - len(clips))):
@@ -142,64 +188,41 @@ def real_clips(cfg: EvalConfig, frames: int, resolution: int) -> np.ndarray:
     return np.stack(clips)
 
 
-def real_features(cfg: EvalConfig, i3d, i3d_sha256: str, frames: int, resolution: int, window: int | None,
-                  device, decode) -> np.ndarray:
-    """I3D features of the real clips (or of their sliding windows), cached on disk; ``decode()`` gives the
-    clips on a cache miss."""
-    from mebt.fvd import sliding_windows
-    from mebt.i3d import i3d_features
+def score(cfg: EvalConfig, samples: Path, i3d, device, info: dict) -> dict:
+    """FVD/KVD of every batch's features (``mebt.eval_fvd``) against real clips of the same length."""
+    from mebt.eval_fvd import generated_features, real_features, score as score_features
 
-    key = {"real_dir": str(Path(cfg.real_dir).resolve()), "split": cfg.real_split, "frames": frames,
-           "resolution": resolution, "num_real": cfg.num_real, "seed": cfg.seed, "window": window,
-           "i3d": i3d_sha256}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cfg.cache_dir) / f"{digest}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    clips = decode()
-    if window:
-        clips = sliding_windows(clips, window, window // 2)
-    features = i3d_features(i3d, torch.from_numpy(clips), device=device, desc="I3D features (real)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, features, allow_pickle=False)
-    tmp.replace(path)
-    (path.with_suffix(".json")).write_text(json.dumps(key, indent=2))
-    return features
+    files = [_batch_file(samples, j) for j in range(_num_batches(cfg))]
+    with np.load(files[0], allow_pickle=False) as first:
+        frames_made, resolution = first["video"].shape[1], first["video"].shape[2]
+    if cfg.frames and cfg.frames > frames_made:
+        raise UserError(f"--frames {cfg.frames} exceeds the {frames_made} frames the model generates")
+    frames, stride = cfg.frames or frames_made, real_frame_stride(cfg, info)
+    generated = generated_features(files, frames, i3d, device)
+    base = {"real_dir": str(Path(cfg.real_dir).resolve()), "split": cfg.real_split, "resolution": resolution,
+            "num_real": cfg.num_real, "seed": cfg.seed, "frame_stride": stride}
+    decoded = {}   # each clip length decoded once, and only on a cache miss
 
+    def real(length: int, windows: bool) -> np.ndarray:
+        def clips():
+            if length not in decoded:
+                decoded[length] = real_clips(cfg, length, resolution, stride)
+            return decoded[length]
+        return real_features({**base, "frames": length}, Path(cfg.cache_dir), clips, i3d, device, windows)
 
-def score(cfg: EvalConfig, videos: np.ndarray, i3d, device) -> dict:
-    """FVD/KVD at the samples' full length, plus sliding 16-frame windows every 8 frames for long samples."""
-    from mebt.fvd import KVD_PROTOCOL, PROTOCOLS, fvd, kvd, sliding_windows
-    from mebt.i3d import i3d_features
-
-    if cfg.frames:
-        if cfg.frames > videos.shape[1]:
-            raise UserError(f"--frames {cfg.frames} exceeds the {videos.shape[1]} frames the model generates")
-        videos = videos[:, :cfg.frames]
-    n, frames, resolution = len(videos), videos.shape[1], videos.shape[2]
-    variants = [(f"{frames}", None)] + ([("16_sliding", 16)] if frames > 16 else [])
-    i3d_sha256 = file_sha256(cfg.i3d)
-    decode = functools.cache(lambda: real_clips(cfg, frames, resolution))   # once, and only on a cache miss
-    metrics, protocol = {}, {"name": cfg.protocol, **PROTOCOLS[cfg.protocol], "generated": n,
-                             "real": cfg.num_real, "real_dir": cfg.real_dir, "real_split": cfg.real_split,
-                             "i3d_sha256": i3d_sha256, "frames": frames, "resolution": resolution,
-                             "kvd": KVD_PROTOCOL, "sliding": "16-frame windows every 8 frames" if frames > 16 else None}
-    for name, window in variants:
-        fake = sliding_windows(videos, window, window // 2) if window else videos
-        fake_features = i3d_features(i3d, torch.from_numpy(fake), device=device, desc="I3D features (generated)")
-        real = real_features(cfg, i3d, i3d_sha256, frames, resolution, window, device, decode)
-        metrics[f"fvd{name}"] = fvd(real, fake_features, protocol=cfg.protocol)
-        metrics[f"kvd{name}"] = kvd(real, fake_features)
-    return {"metrics": metrics, "protocol": protocol}
+    return score_features(generated, real, cfg.protocol, cfg.runs, i3d, frames=frames, resolution=resolution,
+                          real=cfg.num_real, real_dir=cfg.real_dir, real_split=cfg.real_split,
+                          real_frame_stride=stride)
 
 
-def write_grid(cfg: EvalConfig, videos: np.ndarray, out: Path) -> list[Path]:
-    return write_formats(tile(videos[:cfg.grid_samples]), out / "samples_grid")
+def write_grid(cfg: EvalConfig, out: Path) -> list[Path]:
+    return write_formats(tile(first_videos(cfg, out / "samples", min(cfg.grid_samples, cfg.total_samples))),
+                         out / "samples_grid")
 
 
 def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
-    """Metrics into the training run at the checkpoint's step; never fails the evaluation."""
+    """Metrics into the training run at the checkpoint's step, the grid and the report (protocol, counts,
+    network, per-run values) as artifacts under ``eval/TAG``; never fails the evaluation."""
     run_id, config = info.get("mlflow_run_id"), info.get("config") or {}
     if not run_id:
         return "no MLflow run recorded in the checkpoint"
@@ -216,8 +239,9 @@ def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
                                           for k, v in report["metrics"].items()])
         for path in grid:
             client.log_artifact(run_id, str(path), artifact_path=f"eval/{info['tag']}")
+        client.log_dict(run_id, {k: v for k, v in report.items() if k != "mlflow"}, f"eval/{info['tag']}/report.json")
     except Exception as e:   # tracking must not lose an evaluation that took hours
-        return f"MLflow logging failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        return f"MLflow logging failed ({type(e).__name__}: {first_line(e)[:200]})"
     return None
 
 
@@ -236,32 +260,35 @@ def evaluate(cfg: EvalConfig) -> dict:
                         f"{model.cfg.vocab_size}; use the tokenizer the shards were made with")
     if cfg.i3d and not cfg.real_dir:
         raise UserError("FVD needs real videos: pass --real-dir (a video folder with split files) with --i3d")
-    from mebt.i3d import load_i3d
+    i3d = None
+    if cfg.real_dir:   # the network loads (or fails) before any sampling
+        from mebt.i3d import load_i3d
 
-    i3d = load_i3d(cfg.i3d).to(device) if cfg.i3d else None   # a missing weights file fails before sampling
+        i3d = load_i3d(cfg.i3d, numerics=get_protocol(cfg.protocol).i3d_numerics).to(device)
     out = eval_dir(cfg, info)
     start = time.perf_counter()
     sample_batches(model, tokenizer, cfg, out / "samples", device)
+    if i3d is not None:   # this process's share of the I3D work, next to its batches
+        from mebt.eval_fvd import generated_features
+
+        generated_features([_batch_file(out / "samples", j) for j in _batches(cfg)], cfg.frames, i3d, device)
     seconds_sampling = time.perf_counter() - start
-    videos = load_samples(cfg, out / "samples")
-    if videos is None:
+    if not samples_complete(cfg, out / "samples"):
         return {"complete": False, "out_dir": str(out), "message": "other shards' batches are missing; run again "
                                                                    "without --shard-index once they finish"}
-    report = {"checkpoint": str(cfg.checkpoint), "step": info["step"], "num_samples": len(videos),
+    report = {"checkpoint": str(cfg.checkpoint), "step": info["step"], "num_samples": cfg.total_samples,
               "sampling": asdict(cfg.sampling), "seconds_sampling": round(seconds_sampling, 2),
               "metrics": {}, "protocol": None}
-    if cfg.i3d:
+    if i3d is not None:
         start = time.perf_counter()
-        report.update(score(cfg, videos, i3d, device))
+        report.update(score(cfg, out / "samples", i3d, device, info))
         report["seconds_metrics"] = round(time.perf_counter() - start, 2)
     else:
-        report["note"] = "FVD/KVD skipped: no I3D weights given (--i3d i3d_pretrained_400.pt)"
-    grid = write_grid(cfg, videos, out)
+        report["note"] = "FVD/KVD skipped: no real videos given (--real-dir)"
+    grid = write_grid(cfg, out)
     report["mlflow"] = log_to_mlflow(info, report, grid) if cfg.log_mlflow and report["metrics"] else None
     report.update(complete=True, out_dir=str(out), grid=[str(p) for p in grid])
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     return report
 
 

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from mebt.checkpoint import CheckpointError, check_state_dict, file_sha256, load_tensors_file
 from mebt.config import UserError
-from mebt.media import to_uint8
 
 WEIGHTS_NAME = "i3d_pretrained_400.pt"
 # BatchNorm epsilon per numerics: the same weights give slightly different features under each.
@@ -200,15 +199,6 @@ def load_i3d(path: str | Path | None = None, numerics: str = "tf", map_location=
     return model.eval()
 
 
-def from_decoded(videos: torch.Tensor) -> torch.Tensor:
-    """Tokenizer output [B, C, T, H, W] float in [-0.5, 0.5] -> uint8 [B, T, H, W, 3].
-
-    Clamped and rounded by ``mebt.media.to_uint8``, the very conversion that writes sample videos, so
-    FVD scores exactly the pixels a saved video holds.
-    """
-    return torch.from_numpy(to_uint8(videos))
-
-
 def preprocess(videos: torch.Tensor | np.ndarray, resolution: int = RESOLUTION) -> torch.Tensor:
     """uint8 videos [B, T, H, W, C] -> float [B, C, T, 224, 224] in [-1, 1] (bilinear, align_corners=False).
 
@@ -218,11 +208,12 @@ def preprocess(videos: torch.Tensor | np.ndarray, resolution: int = RESOLUTION) 
     videos = torch.as_tensor(videos)
     if videos.dim() != 5 or videos.dtype != torch.uint8 or videos.shape[-1] != 3:
         raise I3DInputError(f"expected uint8 videos [B, T, H, W, 3], got {videos.dtype} {list(videos.shape)} "
-                            "(convert tokenizer output with from_decoded)")
+                            "(convert tokenizer output with mebt.media.to_uint8)")
     b, t, h, w, c = videos.shape
     # Same order of float operations as TATS (scale to [0, 1], resize, shift, double), so same rounding.
     x = videos.reshape(b * t, h, w, c).permute(0, 3, 1, 2).float() / 255.0
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    if (h, w) != (resolution, resolution):   # frames already at 224x224 are used as they are
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
     x = (x - 0.5) * 2.0
     return x.reshape(b, t, c, resolution, resolution).permute(0, 2, 1, 3, 4).contiguous()
 

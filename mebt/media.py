@@ -20,14 +20,22 @@ import torch
 from mebt.config import UserError
 
 
-def to_uint8(videos: torch.Tensor) -> np.ndarray:
+PIXEL_RULES = ("round", "truncate")
+
+
+def to_uint8(videos: torch.Tensor, pixels: str = "round") -> np.ndarray:
     """[N, C, T, H, W] float in [-0.5, 0.5] (channels first, VQGAN.decode's layout) -> uint8 [N, T, H, W, 3].
 
     Values are clamped first (decoded videos overshoot); one channel is repeated to three (grey).
+    ``pixels="truncate"`` drops the fraction instead of rounding, as the official MeBT evaluation does
+    (``(x * 255).astype(np.uint8)``); FVD protocols that reproduce it ask for it.
     """
     if videos.dim() != 5 or videos.shape[1] not in (1, 3):
         raise ValueError(f"expected videos [N, C, T, H, W] with C in (1, 3), got shape {list(videos.shape)}")
-    x = ((videos.detach().float().cpu().clamp(-0.5, 0.5) + 0.5) * 255).round().to(torch.uint8)
+    if pixels not in PIXEL_RULES:
+        raise ValueError(f"pixels must be one of {PIXEL_RULES}, got {pixels!r}")
+    x = (videos.detach().float().cpu().clamp(-0.5, 0.5) + 0.5) * 255
+    x = (x.round() if pixels == "round" else x.floor()).to(torch.uint8)
     x = x.permute(0, 2, 3, 4, 1)  # channels last, as video encoders and image viewers want
     if x.shape[-1] == 1:
         x = x.expand(*x.shape[:-1], 3)

@@ -1,5 +1,6 @@
-"""`mebt eval` end to end: a tiny trained run, a random-weight I3D in the standard layout, real synthetic
-videos: samples, FVD/KVD, report, grid, MLflow metrics at the checkpoint's step, resume and --watch."""
+"""`mebt eval` end to end: a tiny trained run, the standard I3D or a random-weight one in its file layout,
+synthetic videos: samples, FVD/KVD, protocols and runs, report, grid, MLflow metrics at the checkpoint's
+step, sharding, resume and --watch."""
 import json
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig
 from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
+from mebt.checkpoint import file_sha256
 from mebt.vqgan import VQGAN, VQGANConfig
 from mebt.vqgan_checkpoint import save_tokenizer
 from tests.i3d_weights import fake_i3d
@@ -64,7 +66,7 @@ def scored(trained):
     return args, done, time.monotonic() - start
 
 
-def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scored):
+def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scored, tmp_path):
     run_dir = trained["run_dir"]
     args, done, first_seconds = scored
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,9 +74,15 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scor
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["step"] == 4 and report["num_samples"] == 6
     assert set(report["metrics"]) == {"fvd16", "kvd16"} and report["metrics"]["fvd16"] > 0
-    assert report["protocol"]["generated"] == 6 and report["protocol"]["real"] == 6
-    assert report["protocol"]["covariance"].startswith("biased") and report["mlflow"] is None
+    protocol = report["protocol"]
+    assert protocol["generated_per_run"] == 6 and protocol["runs"] == 1 and protocol["real"] == 6
+    assert protocol["name"] == "float64" and protocol["covariance"].startswith("biased") and report["mlflow"] is None
+    assert protocol["i3d"] == {"network": f"sha256:{file_sha256(trained['i3d'])}", "weights_sha256":
+                               file_sha256(trained["i3d"]), "source": str(trained["i3d"]), "numerics": "tf",
+                               "bn_eps": 1e-3}
+    assert protocol["pixels"] == "round" and protocol["real_split"] == "train" and protocol["real_frame_stride"] == 1
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["batch_00000.npz", "batch_00001.npz"]
+    assert sorted(p.name for p in (out / "features").rglob("*.npz")) == ["batch_00000.npz", "batch_00001.npz"]
     videos = np.concatenate([np.load(p)["video"] for p in sorted((out / "samples").iterdir())])
     assert videos.shape == (6, 16, 16, 16, 3) and videos.dtype == np.uint8
     assert all((out / name).stat().st_size > 0 for name in ("samples_grid.mp4", "samples_grid.gif"))
@@ -82,10 +90,14 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scor
     history = client.get_metric_history(trained["run_id"], "eval/fvd16")
     assert [(m.step, m.value) for m in history] == [(4, pytest.approx(report["metrics"]["fvd16"]))]
     assert {a.path for a in client.list_artifacts(trained["run_id"], "eval/global_step4")} == {
-        "eval/global_step4/samples_grid.mp4", "eval/global_step4/samples_grid.gif"}
+        "eval/global_step4/samples_grid.mp4", "eval/global_step4/samples_grid.gif", "eval/global_step4/report.json"}
+    logged = client.download_artifacts(trained["run_id"], "eval/global_step4/report.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text())["protocol"] == protocol
     # Again: the samples and the real features are on disk, so nothing is sampled or recomputed and the
     # numbers repeat (an interrupted evaluation resumes the same way, batch by batch).
-    stamps = {p: p.stat().st_mtime_ns for p in [*(out / "samples").iterdir(), *trained["cache"].iterdir()]}
+    stamps = {p: p.stat().st_mtime_ns for p in [*(out / "samples").iterdir(), *trained["cache"].iterdir(),
+                                                 *(out / "features").rglob("*.npz")]}
+    assert len(stamps) == 2 + 2 + 2   # sample batches, real features (+ key), features of each batch
     start = time.monotonic()
     again = mebt_eval(*args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -108,7 +120,7 @@ def test_runs_compare_shows_the_eval_metric_next_to_the_loss(trained, scored, tm
     assert listed.returncode == 0 and trained["run_id"][:8] in listed.stdout, listed.stderr[-2000:]
 
 
-def test_eval_of_an_exported_model_without_i3d_reports_the_skip(trained, tmp_path):
+def test_eval_of_an_exported_model_without_real_videos_reports_the_skip(trained, tmp_path):
     model = tmp_path / "model.pt"
     assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", trained["run_dir"], model],
                           capture_output=True, cwd=ROOT).returncode == 0
@@ -116,24 +128,46 @@ def test_eval_of_an_exported_model_without_i3d_reports_the_skip(trained, tmp_pat
                      "sky_16f", "steps=2", "n_revise=0", "revise_rounds=0")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((Path(str(model) + ".eval") / "report.json").read_text())
-    assert report["metrics"] == {} and "no I3D weights" in report["note"] and report["sampling"]["ctemp"] == 8.0
+    assert report["metrics"] == {} and "no real videos" in report["note"] and report["sampling"]["ctemp"] == 8.0
+    assert report["sampling"]["revise_top_k"] is None and report["sampling"]["bootstrap_temperature"] == 1.0
 
 
-def test_sharded_sampling_gives_the_samples_of_one_process(trained, tmp_path):
+def test_sharded_evaluation_gives_the_numbers_of_one_process(trained, tmp_path):
+    """The standard I3D (no --i3d), 2 runs: FVD from 2 shards equals FVD from one process."""
     model = tmp_path / "model.pt"
     assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", trained["run_dir"], model],
                           capture_output=True, cwd=ROOT).returncode == 0
-    common = ["--checkpoint", model, "--tokenizer", trained["tokenizer"], "--num-samples", 5, "--batch-size", 2,
-              "steps=2"]
+    common = ["--checkpoint", model, "--tokenizer", trained["tokenizer"], "--num-samples", 3, "--runs", 2,
+              "--batch-size", 2, "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 4,
+              "--cache-dir", tmp_path / "cache", "--protocol", "tats", "steps=2"]
     assert mebt_eval(*common, "--out", tmp_path / "one").returncode == 0
     second = mebt_eval(*common, "--out", tmp_path / "two", "--num-shards", 2, "--shard-index", 1)
     assert second.returncode == 0 and '"complete": false' in second.stdout, second.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["batch_00001.npz"]
+    # the shard computed the I3D features of its own batch
+    assert sorted(p.name for p in (tmp_path / "two" / "features").rglob("*.npz")) == ["batch_00001.npz"]
     first = mebt_eval(*common, "--out", tmp_path / "two", "--num-shards", 2, "--shard-index", 0)
     assert first.returncode == 0 and '"complete": true' in first.stdout, first.stderr[-2000:]
     for j in range(3):   # batches are seeded by their index: the same codes however the work was split
         a, b = (np.load(tmp_path / d / "samples" / f"batch_{j:05d}.npz")["codes"] for d in ("one", "two"))
         assert np.array_equal(a, b)
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert set(one["metrics"]) == {"fvd16", "fvd16_std", "kvd16", "kvd16_std"}
+    for key, value in one["metrics"].items():
+        assert abs(two["metrics"][key] - value) <= 1e-6 * abs(value), key
+    assert len(one["runs"]["fvd16"]) == 2 and one["metrics"]["fvd16"] == pytest.approx(np.mean(one["runs"]["fvd16"]))
+    protocol = one["protocol"]
+    assert protocol["i3d"]["network"] == "tfhub-i3d-kinetics-400" and protocol["i3d"]["numerics"] == "tats"
+    assert protocol["pixels"] == "truncate" and protocol["generated_per_run"] == 3 and protocol["runs"] == 2
+    # the stored videos follow the protocol's pixel rule: truncated, not rounded
+    batch = np.load(tmp_path / "one" / "samples" / "batch_00000.npz")
+    assert str(batch["pixels"]) == "truncate"
+
+
+def test_protocol_counts_are_fixed(trained):
+    done = mebt_eval("--checkpoint", trained["run_dir"], "--protocol", "mebt_16f", "--num-samples", 8)
+    assert done.returncode == 2
+    assert "protocol 'mebt_16f' fixes num_samples=2048, but 8 was given" in done.stderr.strip().splitlines()[-1]
 
 
 def watcher(args) -> subprocess.Popen:
@@ -174,5 +208,6 @@ def test_eval_errors_are_one_line(trained, tmp_path):
     done = mebt_eval("--checkpoint", trained["run_dir"], "--i3d", tmp_path / "i3d_pretrained_400.pt",
                      "--real-dir", trained["videos"], "--num-samples", 2)
     assert done.returncode == 2 and "i3d_pretrained_400.pt" in done.stderr.strip().splitlines()[-1]
+    assert not (trained["run_dir"] / "eval" / "global_step4" / "samples" / "batch_00002.npz").exists()
     done = mebt_eval("--checkpoint", tmp_path / "nothing")
     assert done.returncode == 2 and "no mebt training checkpoint" in done.stderr.strip().splitlines()[-1]

@@ -1,0 +1,137 @@
+"""FVD/KVD of an evaluation's samples: I3D features per sample batch, real features, every metric variant.
+
+Generated features are computed per sample batch by the process that sampled it and kept next to the
+batch (``features/<key>/batch_J.npz``), so sharded evaluations spread the I3D work too, and a batch's
+features do not depend on which process made them: the numbers are the same for 1 or N shards. Real
+features are cached on disk, keyed by everything they depend on.
+
+Variants, for samples of T frames (``name`` is the metric suffix):
+- ``fvd{T}``/``kvd{T}``: whole samples against whole real clips of T frames (FVD16, FVD128).
+- T > 16, ``fvd16_sliding_pooled``: every 16-frame window starting each 8 frames (the last full window
+  included) of every sample, pooled into one set, against the same windows of the real clips.
+- T > 16, ``fvd16_start{s}`` and their mean ``fvd16_sliding_mean``: the official MeBT sliding FVD: one
+  FVD per window start s in range(0, T - 16, 8) (the last full window excluded, as in the official
+  script), the samples' window at s against real 16-frame clips.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline.manifest import atomic_write_bytes
+from mebt.fvd import sliding_windows
+from mebt.fvd_protocols import fvd_kvd, get_protocol, record
+from mebt.i3d import i3d_features
+
+WINDOW, STRIDE = 16, 8
+
+
+def window_starts(frames: int) -> list[int]:
+    """Starts of the pooled sliding windows (every full window, the last included)."""
+    return list(range(0, frames - WINDOW + 1, STRIDE))
+
+
+def official_starts(frames: int) -> list[int]:
+    """Starts the official sliding FVD scores: ``range(0, T - 16, 8)``, which leaves out the last window."""
+    return list(range(0, frames - WINDOW, STRIDE))
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def features_dir(samples: Path, network: dict, frames: int) -> Path:
+    """Where the features of the sample batches live for this network, numerics and clip length."""
+    return samples.parent / "features" / _digest({"network": network, "frames": frames})
+
+
+def batch_features(videos: np.ndarray, i3d, device) -> dict[str, np.ndarray]:
+    """``full`` [n, 400] features of uint8 videos [n, T, H, W, 3], and ``windows`` [n, W, 400] when T > 16."""
+    out = {"full": i3d_features(i3d, torch.from_numpy(videos), device=device).astype(np.float32)}
+    if videos.shape[1] > WINDOW:
+        windows = sliding_windows(videos, WINDOW, STRIDE)   # the windows of one video are consecutive
+        feats = i3d_features(i3d, torch.from_numpy(windows), device=device).astype(np.float32)
+        out["windows"] = feats.reshape(len(videos), -1, feats.shape[-1])
+    return out
+
+
+def generated_features(batch_files: list[Path], frames: int | None, i3d, device) -> dict[str, np.ndarray]:
+    """Features of every listed sample batch (first ``frames`` frames), computing only the missing ones."""
+    folder = None
+    parts: dict[str, list[np.ndarray]] = {}
+    for path in tqdm(batch_files, desc="I3D features (generated)", unit="batch"):
+        with np.load(path, allow_pickle=False) as batch:
+            if folder is None:
+                frames = frames or batch["video"].shape[1]
+                folder = features_dir(path.parent, i3d.network, frames)
+            out = folder / path.name
+            if not out.exists():
+                _save_npz(out, **batch_features(batch["video"][:, :frames], i3d, device))
+        with np.load(out, allow_pickle=False) as feats:
+            for key in feats.files:
+                parts.setdefault(key, []).append(feats[key])
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def real_features(key: dict, cache_dir: Path, clips, i3d, device, windows: bool = False) -> np.ndarray:
+    """I3D features of the real clips (pooled over sliding windows with ``windows``), cached on disk under
+    ``key`` (everything they depend on); ``clips()`` gives the uint8 clips on a cache miss."""
+    key = {**key, "windows": windows, "i3d": i3d.network}
+    path = Path(cache_dir) / f"{_digest(key)}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    videos = clips()
+    if windows:
+        videos = sliding_windows(videos, WINDOW, STRIDE)
+    features = i3d_features(i3d, torch.from_numpy(videos), device=device, desc="I3D features (real)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, features, allow_pickle=False)
+    tmp.replace(path)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(key, indent=2).encode())
+    return features
+
+
+def score(generated: dict[str, np.ndarray], real_of, protocol_name: str, runs: int, i3d, **facts) -> dict:
+    """Every metric variant over ``runs`` equal consecutive generated sets.
+
+    ``real_of(frames, windows)`` gives the real features for clips of ``frames`` frames (pooled windows with
+    ``windows``). Returns {"metrics", "runs" (per-run values), "protocol" (the record)}.
+    """
+    protocol = get_protocol(protocol_name)
+    n, frames = len(generated["full"]) // runs, facts["frames"]
+    split = lambda feats: [feats[r * n:(r + 1) * n] for r in range(runs)]   # noqa: E731
+    metrics, per_run = fvd_kvd(real_of(frames, False), split(generated["full"]), protocol, str(frames))
+    variants = {f"{frames}": "whole samples vs whole real clips"}
+    if "windows" in generated:
+        windows = generated["windows"]   # [N, W, 400]
+        pooled = [p.reshape(-1, windows.shape[-1]) for p in split(windows)]
+        m, r = fvd_kvd(real_of(frames, True), pooled, protocol, "16_sliding_pooled")
+        metrics.update(m), per_run.update(r)
+        real16 = real_of(WINDOW, False)
+        for s in official_starts(frames):
+            m, r = fvd_kvd(real16, split(windows[:, s // STRIDE]), protocol, f"16_start{s}")
+            metrics.update(m), per_run.update(r)
+        for kind in ("fvd", "kvd"):
+            starts = [metrics[f"{kind}16_start{s}"] for s in official_starts(frames)]
+            metrics[f"{kind}16_sliding_mean"] = float(np.mean(starts))
+        variants.update({
+            "16_sliding_pooled": f"{WINDOW}-frame windows every {STRIDE} frames, all pooled, vs the same windows of "
+                                 "the real clips",
+            "16_start{s}": f"official sliding FVD: the window at start s vs real {WINDOW}-frame clips, "
+                           f"s in range(0, {frames - WINDOW}, {STRIDE})",
+            "16_sliding_mean": "mean of the 16_start{s} values"})
+    return {"metrics": metrics, "runs": per_run,
+            "protocol": record(protocol, i3d.network, generated_per_run=n, runs=runs, variants=variants, **facts)}
