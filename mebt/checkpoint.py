@@ -19,6 +19,7 @@ import torch
 
 from mebt.config import ConfigError, UserError, first_line, from_dict, to_dict
 from mebt.model import MeBT, MeBTConfig
+from mebt.safe_unpickle import UnsafePickleError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +41,29 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_user_file(path: str | Path, what: str, error: type = None, map_location="cpu", mmap: bool = False):
-    """``torch.load`` a checkpoint the user named, as safely as it allows.
+    """``torch.load`` a checkpoint the user named, without running code stored in it.
 
     First ``weights_only=True`` (this project's files); then the same with ``argparse.Namespace``
-    allow-listed (TATS and Lightning pickle their hyper-parameters as one); only if that fails too does it
-    fall back to ``weights_only=False``, which can run code stored in the file. That happens only for this
-    file, which the user passed explicitly, and is logged: never point it at a file you do not trust.
-    ``what`` names the file in the one-line ``error`` (default CheckpointError) raised when it cannot be read.
+    allow-listed (TATS and Lightning pickle their hyper-parameters as one); a file that pickles other
+    objects (official MeBT checkpoints hold omegaconf configs) is read by ``safe_unpickle.load_torch_file``,
+    which keeps each of those objects as an inert ``PickledObject`` record instead of importing and calling
+    its class. ``what`` names the file in the one-line ``error`` (default CheckpointError) raised when it
+    cannot be read.
     """
     error = error or CheckpointError
-    attempts = [(True, []), (True, [argparse.Namespace]), (False, [])]
-    for weights_only, allow in attempts:
-        if not weights_only:
-            log.warning("%s holds pickled objects beyond tensors; loading it with weights_only=False because it "
-                        "was named explicitly", what)
+    for allow in ([], [argparse.Namespace]):
         try:
             with torch.serialization.safe_globals(allow):
-                return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
-        except pickle.UnpicklingError as e:
-            failure = e  # only the weights-only check refused it: try the next, more permissive load
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            pass  # only the weights-only check refused it: try the next reader
         except Exception as e:  # torch raises several types for damaged or foreign files
             raise error(f"{what} could not be read by torch.load ({first_line(e)})") from None
-    raise error(f"{what} could not be read by torch.load ({first_line(failure)})")
+    log.info("%s pickles objects beyond tensors; reading them as inert records", what)
+    try:
+        return load_torch_file(path, what, map_location=map_location, mmap=mmap)
+    except UnsafePickleError as e:
+        raise error(str(e)) from None
 
 
 def _listed(keys: Iterable[str], limit: int = 8) -> str:

@@ -45,7 +45,7 @@ def tokenizer_sha256(path: str | Path) -> str:
 
 
 def read_checkpoint(path: Path, map_location="cpu") -> dict:
-    """The payload of a tokenizer file the user named (see ``load_user_file`` for when pickles are run)."""
+    """The payload of a tokenizer file the user named (``load_user_file``: no code in it is run)."""
     return load_user_file(path, f"tokenizer checkpoint '{path}'", TokenizerError, map_location)
 
 
@@ -90,8 +90,8 @@ def _describe(cfg: VQGANConfig) -> str:
 def load_tokenizer(path: str | Path, map_location="cpu") -> VQGAN:
     """The VQGAN in a TATS Lightning checkpoint or a file written by ``save_tokenizer``, in eval mode.
 
-    TATS files need unpickling an ``argparse.Namespace`` (and possibly more): see ``read_checkpoint`` for
-    when ``weights_only=False`` is used. Only load TATS checkpoints from sources you trust.
+    TATS files pickle an ``argparse.Namespace`` (and possibly more, such as Lightning callbacks' state):
+    ``read_checkpoint`` rebuilds the Namespace and keeps anything else as an inert record, never running it.
     """
     path = Path(path)
     if not path.is_file():

@@ -9,7 +9,8 @@ import torch
 import mebt.vqgan as vqgan
 from mebt.config import ConfigError
 from mebt.vqgan import Codebook, SamePadConv3d, SamePadConvTranspose3d, VQGAN, VQGANConfig, same_padding
-from mebt.vqgan_checkpoint import TokenizerError, load_tokenizer, save_tokenizer, tokenizer_sha256
+from mebt.safe_unpickle import RECORDS_PICKLE_MODULE
+from mebt.vqgan_checkpoint import TokenizerError, load_tokenizer, read_checkpoint, save_tokenizer, tokenizer_sha256
 
 DATA = Path(__file__).parent / "data"
 # Every TATS VQGAN builds pre_vq_conv (encoder width -> embedding_dim, 1x1x1), but the vendored layout files
@@ -61,7 +62,7 @@ def small_model(**overrides) -> VQGAN:
 
 
 class Unlisted:
-    """A class no allow-list knows: pickling one forces the weights_only=False fallback."""
+    """A class no allow-list knows: a file holding one is read by the restricted unpickler."""
 
 
 @pytest.mark.parametrize("norm", ["group", "batch"])
@@ -84,14 +85,17 @@ def test_tats_namespace_is_allow_listed_not_unpickled_freely(tmp_path, monkeypat
     path = save_lightning(tmp_path / "vqgan.ckpt", fabricate({**read_layout("group"), **PRE_VQ}), tats_args())
     modes = []
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: modes.append(k["weights_only"]) or real_load(*a, **k))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: modes.append((k["weights_only"], k.get("pickle_module")))
+                        or real_load(*a, **k))
     load_tokenizer(path)
-    assert modes == [True, True]  # plain weights-only, then weights-only with argparse.Namespace allowed
+    assert modes == [(True, None), (True, None)]  # plain weights-only, then with argparse.Namespace allowed
 
     modes.clear()
     save_lightning(path, fabricate({**read_layout("group"), **PRE_VQ}), tats_args(), callbacks={"x": Unlisted()})
-    load_tokenizer(path)
-    assert modes == [True, True, False]  # the user-named file may hold other objects: last resort
+    assert load_tokenizer(path).cfg == VQGANConfig()
+    # Other objects: the restricted unpickler, never torch's unrestricted one; they stay inert records.
+    assert modes == [(True, None), (True, None), (False, RECORDS_PICKLE_MODULE)]
+    assert read_checkpoint(path)["callbacks"]["x"].pickled_global == "tests.test_vqgan.Unlisted"
 
 
 def test_bare_tsv_layout_is_refused_for_lacking_pre_vq_conv(tmp_path):
