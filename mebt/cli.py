@@ -181,9 +181,10 @@ def cmd_convert_official(args) -> None:
     from mebt.convert import convert_official_file
 
     cfg = convert_official_file(args.checkpoint, args.out, n_head=args.n_head,
-                                latent_shape=tuple(args.latent_shape) if args.latent_shape else None)
-    print(f"wrote {args.out}: MeBT {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_latent} latents, "
-          f"grid {list(cfg.latent_shape)}, vocab {cfg.vocab_size}, numerics {cfg.numerics}")
+                                latent_shape=tuple(args.latent_shape) if args.latent_shape else None,
+                                layer_plan=args.layer_plan)
+    print(f"wrote {args.out}: MeBT {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, {cfg.n_latent} "
+          f"latents, grid {list(cfg.latent_shape)}, vocab {cfg.vocab_size}, numerics {cfg.numerics}")
 
 
 def cmd_data_synth(args) -> None:
@@ -394,12 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-official", help="import an official MeBT checkpoint",
                        description="Convert an official MeBT Lightning checkpoint (first_stage_model.* ignored) "
-                                   "into a mebt model file with the official numerics.")
+                                   "into a mebt model file with the official numerics. Heads, code grid and layer "
+                                   "plan come from the checkpoint's hyper_parameters (read without running its "
+                                   "pickle); a flag that contradicts them is an error. The flags are needed only "
+                                   "for a bare state dict, which records none of them.")
     p.add_argument("checkpoint", help="official MeBT checkpoint (.ckpt)")
     p.add_argument("out", help="output mebt model file (.pt)")
-    p.add_argument("--n-head", type=int, default=16, help="attention heads (not stored in the checkpoint; paper: 16)")
+    p.add_argument("--n-head", type=int, help="attention heads (default: the checkpoint's transformer_config.n_head; "
+                                              "16 for a bare state dict)")
     p.add_argument("--latent-shape", type=int, nargs=3, metavar=("T", "H", "W"),
-                   help="code grid (default: block_size/256 x 16 x 16)")
+                   help="code grid (default: the checkpoint's mask_config.params.shape; block_size/256 x 16 x 16 "
+                        "for a bare state dict)")
+    p.add_argument("--layer-plan", nargs="+", metavar="KIND",
+                   help="block kinds, one per layer: latent_enc, latent_self, latent_dec, lt2l (default: the "
+                        "checkpoint's transformer_config.mode; the paper's plan for a bare state dict)")
     p.set_defaults(func=cmd_convert_official)
 
     p = sub.add_parser("preprocess", help="tokenize videos into WebDataset shards + Parquet manifest",

@@ -2,22 +2,29 @@
 
 Official checkpoints are fabricated: full size with exactly the reference layout (on the meta device,
 no memory), and small with random values, checked against a forward pass written here from the
-reference description of the official block.
+reference description of the official block. Lightning checkpoints are saved the way the official code
+saves them, hyper-parameters as real omegaconf configs, which the converter reads without omegaconf.
 """
 import argparse
 import math
 import os
 import pickle
+import subprocess
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from mebt.checkpoint import CheckpointError, load_model, read_model_file, save_model
+from mebt.checkpoint import CheckpointError, load_model, load_model_with_extras, load_user_file, read_model_file, save_model
+from mebt.cli import main
 from mebt.config import ConfigError
 from mebt.convert import convert_official_file, convert_official_state_dict
 from mebt.model import MeBT
+from mebt.safe_unpickle import PickledObject
 
 # The official layout (copied from shared/reference/ so the suite runs from any clone).
 REFERENCE = Path(__file__).resolve().parent / "data" / "mebt_official_16f_state_dict.tsv"
@@ -25,6 +32,8 @@ REFERENCE = Path(__file__).resolve().parent / "data" / "mebt_official_16f_state_
 N_HEAD = 4
 LATENT_SHAPE = (2, 4, 4)
 PAPER_PLAN_6 = ["latent_enc", "latent_self", "latent_enc", "latent_dec", "lt2l", "latent_dec"]
+OTHER_PLAN = ["latent_enc", "latent_dec", "lt2l", "latent_self", "lt2l", "latent_dec"]
+REPO = Path(__file__).resolve().parent.parent
 VQGAN_KEYS = {"first_stage_model.encoder.conv_first.weight": (32, 3, 3, 3, 3),
               "first_stage_model.codebook.embeddings": (16384, 256),
               "first_stage_model.codebook.N": (16384,)}
@@ -306,7 +315,7 @@ def test_convert_file_then_load_model_round_trip(tmp_path, form):
             }[form]
     src = tmp_path / "official.ckpt"
     torch.save(ckpt, src)
-    if form == "namespace":  # the case the weights_only=False fallback exists for
+    if form == "namespace":  # torch's weights-only reader refuses it; load_user_file reads it all the same
         with pytest.raises(pickle.UnpicklingError):
             torch.load(src, weights_only=True)
 
@@ -338,3 +347,154 @@ def test_save_model_is_atomic_and_keeps_extra(tmp_path):
     with pytest.raises(CheckpointError, match="reserved key 'config'"):
         save_model(model, path, extra={"config": {}})
 
+
+
+# --- Lightning checkpoints: the hyper-parameters the official code records ---
+
+def lightning_checkpoint(path, state_dict, mode=OTHER_PLAN, shape=LATENT_SHAPE, hyper=None, **transformer):
+    """An official checkpoint as Net2NetTransformer saves it (pytorch-lightning 1.7.5, ``torch.save``):
+    its init arguments under hyper_parameters, the YAML's model.params and model.mask as real omegaconf
+    DictConfigs, beside Lightning's optimizer, scheduler, callback and loop states. Defaults: 4 heads, a
+    2x4x4 grid and a plan that is not the paper's."""
+    params = dict(unconditional=True, vocab_size=24, first_stage_vocab_size=24, block_size=32, n_layer=len(mode),
+                  n_head=N_HEAD, n_embd=32, n_unmasked=0, embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.0,
+                  first_stage_key="video", cond_stage_key="label", vtokens=False, sos_emb=8, avg_loss=True,
+                  t_prior="longest", mode=list(mode), class_cond_dim=None)
+    params.update(transformer)
+    mask = {"target": "mebt.mask_sampler.MaskGen", "params": {"iid": False, "schedule": "linear", "max_token": 32,
+                                                               "method": "mlm", "shape": list(shape),
+                                                               "t_range": [0.0, 1.0], "budget": 32}}
+    vqvae = {"params": {"ckpt_path": "ckpts/tats/vqgan_ucf_128_488.ckpt", "ignore_keys": ["loss"]}}
+    param = torch.nn.Parameter(torch.zeros(3))
+    optim = torch.optim.AdamW([param], lr=3e-5)
+    param.sum().backward()
+    optim.step()
+    hyper_parameters = {"transformer_config": OmegaConf.create(params), "first_stage_config": OmegaConf.create(vqvae),
+                        "mask_config": OmegaConf.create(mask), "ckpt_path": None, "ignore_keys": [],
+                        "first_stage_key": "video", "cond_stage_key": "label", "pkeep": 1.0, "sos_token": 0,
+                        **(hyper or {})}
+    torch.save({"epoch": 49, "global_step": 20000, "pytorch-lightning_version": "1.7.5", "state_dict": state_dict,
+                "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 50}}}},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_score": torch.tensor(1.5)}},
+                "optimizer_states": [optim.state_dict()], "lr_schedulers": [],
+                "hparams_name": "kwargs", "hyper_parameters": hyper_parameters}, path)
+    return path
+
+
+def with_vqgan(sd):
+    # Stride-0 views: the 16384-entry codebook costs nothing to save.
+    return {**sd, **{k: torch.zeros(()).expand(s) for k, s in VQGAN_KEYS.items()}}
+
+
+def test_lightning_checkpoint_converts_with_its_recorded_heads_grid_and_plan(tmp_path):
+    w = small_official(seed=4)
+    src = lightning_checkpoint(tmp_path / "official.ckpt", with_vqgan(w))
+
+    cfg = convert_official_file(src, tmp_path / "model.pt")   # nothing given: all from the checkpoint
+    model, extra = load_model_with_extras(tmp_path / "model.pt")
+
+    assert (cfg.n_head, tuple(cfg.latent_shape), cfg.plan) == (N_HEAD, LATENT_SHAPE, OTHER_PLAN) and model.cfg == cfg
+    codes, ctx_idx, tgt_idx = inputs(seed=6)
+    with torch.no_grad():
+        got = model(codes, ctx_idx, tgt_idx)
+    torch.testing.assert_close(got, reference_logits(w, OTHER_PLAN, codes, ctx_idx, tgt_idx, n_head=N_HEAD),
+                               atol=1e-5, rtol=1e-4)
+    # What guessing (16 heads, the paper's plan) would have computed is far off.
+    guess = reference_logits(w, PAPER_PLAN_6, codes, ctx_idx, tgt_idx, n_head=16)
+    assert (guess - got).abs().max() > 0.1
+    assert extra["settings_from"] == {"n_head": "checkpoint", "latent_shape": "checkpoint", "layer_plan": "checkpoint"}
+    assert extra["official_hparams"] == {"n_head": 4, "n_layer": 6, "n_embd": 32, "vocab_size": 24, "block_size": 32,
+                                         "n_latent": 8, "layer_plan": OTHER_PLAN, "latent_shape": [2, 4, 4],
+                                         "embd_pdrop": 0.1, "resid_pdrop": 0.1, "attn_pdrop": 0.0}
+
+
+def test_lightning_checkpoint_converts_where_omegaconf_cannot_be_imported(tmp_path):
+    src = lightning_checkpoint(tmp_path / "official.ckpt", small_official())
+    script = ("import sys\n"
+              "sys.modules['omegaconf'] = None  # every import of omegaconf now fails\n"
+              "import torch\n"
+              "from mebt.convert import convert_official_file\n"
+              "try:\n"
+              "    torch.load(sys.argv[1], weights_only=False)\n"
+              "except ImportError as e:\n"
+              "    print('plain torch.load:', e)\n"
+              "cfg = convert_official_file(sys.argv[1], sys.argv[2])\n"
+              "print('converted:', cfg.n_head, cfg.layer_plan)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "model.pt")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "plain torch.load: No module named 'omegaconf" in out.stdout   # the file does need omegaconf to unpickle
+    assert f"converted: {N_HEAD} {OTHER_PLAN}" in out.stdout
+    assert load_model(tmp_path / "model.pt").cfg.n_head == N_HEAD
+
+
+@pytest.mark.parametrize("given, recorded, flag", [
+    ({"n_head": 16}, "transformer_config.n_head = 4", "--n-head 16"),
+    ({"latent_shape": (4, 2, 4)}, "mask_config.params.shape = [2, 4, 4]", "--latent-shape 4 2 4"),
+    ({"layer_plan": PAPER_PLAN_6}, f"transformer_config.mode = {OTHER_PLAN}", "--layer-plan " + " ".join(PAPER_PLAN_6)),
+])
+def test_argument_contradicting_the_checkpoint_is_refused(tmp_path, given, recorded, flag):
+    src = lightning_checkpoint(tmp_path / "official.ckpt", small_official())
+    with pytest.raises(CheckpointError) as err:
+        convert_official_file(src, tmp_path / "model.pt", **given)
+    assert str(err.value) == (f"official MeBT checkpoint '{src}' records {recorded}, but {flag} was given: "
+                              f"omit {flag.split()[0]} to use the checkpoint's value")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_cli_takes_the_checkpoint_settings_and_refuses_contradicting_flags(tmp_path, capsys):
+    src = str(lightning_checkpoint(tmp_path / "official.ckpt", small_official()))
+    assert main(["convert-official", src, str(tmp_path / "a.pt")]) == 0
+    assert f"{N_HEAD} heads, 8 latents, grid [2, 4, 4]" in capsys.readouterr().out
+    agreeing = ["--n-head", "4", "--latent-shape", "2", "4", "4", "--layer-plan", *OTHER_PLAN]
+    assert main(["convert-official", src, str(tmp_path / "b.pt"), *agreeing]) == 0
+    assert load_model(tmp_path / "b.pt").cfg == load_model(tmp_path / "a.pt").cfg
+    capsys.readouterr()
+    assert main(["convert-official", src, str(tmp_path / "c.pt"), "--n-head", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records transformer_config.n_head = 4, but --n-head 16 was given" in err
+    assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_embd": 64}, "transformer_config.n_embd = 64 but the state dict has n_embd 32"),
+    ({"sos_emb": 16}, "transformer_config.sos_emb = 16 but the state dict has n_latent 8"),
+    ({"vocab_size": 16384}, "transformer_config.vocab_size = 16384 but the state dict has vocab_size 24"),
+    ({"mode": OTHER_PLAN[:4]}, "transformer_config.mode with 4 block kinds but the state dict has 6 blocks"),
+    ({"shape": (2, 4, 5)}, "mask_config.params.shape = [2, 4, 5] (40 positions) but the state dict has block_size 32"),
+    ({"mode": OTHER_PLAN[:5] + ["maskgit"]}, "transformer_config.mode with block kind 'maskgit', which mebt does not"),
+    ({"n_head": "${n_layer}"}, "records transformer_config.n_head = '${n_layer}', expected a positive integer"),
+    ({"hyper": {"transformer_config": Fraction(1, 3)}},
+     "records hyper_parameters['transformer_config'] as <pickled fractions.Fraction object>, not a config"),
+])
+def test_recorded_settings_are_checked_against_the_weights(tmp_path, change, words):
+    change = dict(change)
+    src = lightning_checkpoint(tmp_path / "official.ckpt", small_official(), mode=change.pop("mode", OTHER_PLAN),
+                               shape=change.pop("shape", LATENT_SHAPE), hyper=change.pop("hyper", None), **change)
+    with pytest.raises(CheckpointError) as err:
+        convert_official_file(src, tmp_path / "model.pt")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+class RunsCommand:
+    """Pickles as os.system(command): what a hostile checkpoint would put in its hyper-parameters."""
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_code_in_a_checkpoint_is_read_as_data_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    command = f"touch '{marker}'"
+    src = lightning_checkpoint(tmp_path / "official.ckpt", small_official(), hyper={"payload": RunsCommand(command)})
+
+    cfg = convert_official_file(src, tmp_path / "model.pt")
+    payload = load_user_file(src, "test checkpoint")["hyper_parameters"]["payload"]
+
+    assert not marker.exists() and cfg.n_head == N_HEAD
+    assert isinstance(payload, PickledObject) and payload.pickled_global == f"{os.name}.system"
+    assert payload.args == (command,)
+    torch.load(src, weights_only=False)   # the control: the unrestricted unpickler runs it
+    assert marker.exists()
