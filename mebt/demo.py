@@ -10,8 +10,9 @@ Stages (each resumable; a finished one is recorded in ``OUT/demo.json`` and skip
 5. ``export``     one fp32 model file, ``mebt export``
 6. ``samples``    unconditional samples and samples conditioned on the first latent frame of held-out
                   clips, decoded; ``OUT/demo_grid.mp4|gif``: real clips / conditional / unconditional rows
-7. ``eval``       held-out masked-token loss/accuracy and code statistics of samples, FVD/KVD with ``--i3d``
-                  (without the weights it says so), next to the same numbers for training clips; into MLflow
+7. ``eval``       held-out masked-token loss/accuracy, code statistics of samples, and FVD/KVD of the samples
+                  with the standard I3D (or ``--i3d FILE``) next to two reference points: training clips (the
+                  floor) and tokenizer reconstructions (the ceiling the tokenizer allows); into MLflow
 
 The defaults are sized for a 2-core CPU; ``quick`` shrinks every budget for tests.
 """
@@ -71,8 +72,9 @@ class Demo:
         if {k: v for k, v in self.record.get("config", settings).items() if k != "i3d"} != settings:
             raise UserError(f"'{self.out}' holds a demo made with other settings; use another --out or the same "
                             "settings")
-        if self.record.get("stages", {}).get("eval", {}).get("i3d", cfg.i3d) != cfg.i3d:
-            del self.record["stages"]["eval"]
+        evaluation = self.record.get("stages", {}).get("eval")
+        if evaluation and (evaluation.get("i3d") != cfg.i3d or "i3d_network" not in evaluation):
+            del self.record["stages"]["eval"]   # other I3D weights, or made before the demo scored FVD
         self.record["config"] = asdict(cfg)
 
     def stage(self, name: str, run) -> dict:
@@ -208,21 +210,28 @@ class Demo:
                 "samples": n}
 
     def eval(self, model_path: str, tokenizer_path: str) -> dict:
-        """Held-out metrics, plus FVD/KVD with --i3d, next to the same numbers for training clips (the floor a
-        perfect model would reach); all logged into the training's MLflow run at its last step.
+        """Held-out metrics and FVD/KVD, each next to reference points; all logged into the training's MLflow
+        run at its last step.
 
         - heldout_loss / heldout_acc1: masked-token prediction with half of every held-out clip masked;
-        - code_tv: total variation between the code histograms of unconditional samples and held-out clips;
-        - fvd / kvd: I3D needs 16 frames, so clips shorter than that are shown with each frame repeated
-          (the same for real and generated clips): comparable between demo runs, not with published FVD16.
+        - code_tv: total variation between the code histograms of unconditional samples and held-out clips,
+          next to code_tv_train_clips, the same for training clips;
+        - fvd / kvd: unconditional samples vs held-out clips; fvd_train_clips: training clips vs held-out
+          clips (the floor a perfect model reaches at this count); fvd_reconstructions: the tokenizer's
+          reconstructions of the training clips vs held-out clips (the best any MeBT decoded by this
+          tokenizer can do). I3D needs at least 9 frames, so 8-frame clips are shown with every frame
+          twice (the same for every set): comparable between demo runs, not with published FVD16.
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
         from mebt.evaluate import load_for_eval, log_to_mlflow
+        from mebt.fvd import fvd, kvd
+        from mebt.i3d import i3d_features, load_i3d
         from mebt.media import to_uint8
         from mebt.objective import masked_loss
         from mebt.sampling import SamplingConfig, sample
         from mebt.vqgan_checkpoint import load_tokenizer
 
+        i3d = load_i3d(self.cfg.i3d)   # the standard network unless a file was given; fails before the work
         model, info = load_for_eval(model_path)   # the exported weights with their step and MLflow run
         tokenizer = load_tokenizer(tokenizer_path).eval()
         clip = ClipConfig(sequence_length=self.cfg.clip_frames, resolution=self.cfg.resolution)
@@ -239,7 +248,9 @@ class Demo:
             ctx, tgt = order[:, :length // 2], order[:, length // 2:]
             loss, acc = masked_loss(model(codes["test"], ctx, tgt), codes["test"], tgt)
             generated = sample(model, SamplingConfig(**SAMPLING), n, generator=g, progress=True)
-            generated_videos = tokenizer.decode(generated.view(n, *model.cfg.latent_shape))
+            shape = model.cfg.latent_shape
+            videos["generated"] = tokenizer.decode(generated.view(n, *shape))
+            videos["reconstructions"] = tokenizer.decode(codes["train"].view(n, *shape))
 
         def code_tv(a, b):
             pa, pb = (torch.bincount(x.flatten(), minlength=model.cfg.vocab_size).double() / x.numel() for x in (a, b))
@@ -248,23 +259,16 @@ class Demo:
         metrics = {"heldout_loss": round(loss.item(), 4), "heldout_acc1": round(acc["acc1"], 4),
                    "code_tv": code_tv(generated, codes["test"]),
                    "code_tv_train_clips": code_tv(codes["train"], codes["test"])}
-        result = {"metrics": metrics, "clips": n, "i3d": self.cfg.i3d}
-        if self.cfg.i3d:
-            from mebt.fvd import fvd, kvd
-            from mebt.i3d import i3d_features, load_i3d
-
-            i3d = load_i3d(self.cfg.i3d)
-            repeat = -(-16 // self.cfg.clip_frames)
-            features = {name: i3d_features(i3d, torch.from_numpy(np.repeat(to_uint8(v), repeat, axis=1)),
-                                           desc=f"I3D features ({name})")
-                        for name, v in (("test", videos["test"]), ("train", videos["train"]),
-                                        ("generated", generated_videos))}
-            for name, key in (("generated", ""), ("train", "_train_clips")):
-                metrics[f"fvd{key}"] = fvd(features["test"], features[name])
-                metrics[f"kvd{key}"] = kvd(features["test"], features[name])
-            result["fvd"] = f"I3D on {n} clips each, every frame repeated {repeat}x, float64 protocol"
-        else:
-            result["note"] = "FVD/KVD skipped: no I3D weights given (mebt demo --i3d i3d_pretrained_400.pt)"
+        repeat = -(-16 // self.cfg.clip_frames)
+        features = {name: i3d_features(i3d, np.repeat(to_uint8(v), repeat, axis=1), desc=f"I3D features ({name})")
+                    for name, v in videos.items()}
+        for name, key in (("generated", ""), ("train", "_train_clips"), ("reconstructions", "_reconstructions")):
+            metrics[f"fvd{key}"] = round(fvd(features["test"], features[name]), 2)
+            metrics[f"kvd{key}"] = round(kvd(features["test"], features[name]), 4)
+        result = {"metrics": metrics, "clips": n, "i3d": self.cfg.i3d, "i3d_network": i3d.network,
+                  "fvd": f"I3D ({i3d.network['network']}, {i3d.network['numerics']} numerics) on {n} clips per set "
+                         f"vs {n} held-out clips, every frame shown {repeat}x ({self.cfg.clip_frames} -> "
+                         f"{self.cfg.clip_frames * repeat} frames), float64 protocol"}
         result["mlflow"] = log_to_mlflow(info, {"metrics": metrics}, []) or f"logged to run {info['mlflow_run_id']}"
         return result
 
@@ -283,9 +287,13 @@ class Demo:
             print(f"  {name:10s} {stages[name]['seconds']:7.1f} s")
         print(f"  tokenizer PSNR {tok['psnr']} dB; MeBT final loss {trained['final_loss']}, "
               f"acc {trained['final_acc1']}")
-        print(f"  held-out and sample metrics: {stages['eval']['metrics']}")
-        if "note" in stages["eval"]:
-            print(f"  {stages['eval']['note']}")
+        m = stages["eval"]["metrics"]
+        print(f"  held-out loss {m['heldout_loss']}, acc {m['heldout_acc1']}; code histogram distance {m['code_tv']} "
+              f"(training clips: {m['code_tv_train_clips']})")
+        print(f"  FVD {m['fvd']:.1f} (KVD {m['kvd']:.3f}) of samples vs held-out clips; reference points: "
+              f"training clips {m['fvd_train_clips']:.1f} (the floor), tokenizer reconstructions "
+              f"{m['fvd_reconstructions']:.1f} (the ceiling this tokenizer allows)")
+        print(f"  ({stages['eval']['fvd']})")
         print(f"  grid (real / conditional / unconditional): {stages['samples']['grid'][0]}")
         print(f"  MLflow UI: mlflow ui --backend-store-uri sqlite:///{Path(trained['run_dir']).resolve()}/mlflow.db")
         return self.record

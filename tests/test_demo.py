@@ -1,5 +1,6 @@
-"""`mebt demo --quick`: every stage runs for real at a tiny budget, every artifact is valid, a second run
-reuses the finished stages, and giving I3D weights later re-runs only the evaluation, now with FVD."""
+"""`mebt demo --quick`: every stage runs for real at a tiny budget, every artifact is valid (FVD with the
+standard I3D and its two reference points included), a second run reuses the finished stages, and other
+I3D weights re-run only the evaluation."""
 import json
 import math
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import av
+import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.verify import verify_dataset
@@ -38,15 +40,20 @@ def test_quick_demo_makes_every_artifact_and_resumes(tmp_path):
     assert (out / "demo_grid.gif").stat().st_size > 0
 
     evaluation = record["stages"]["eval"]
-    assert "no I3D weights" in evaluation["note"] and "fvd" not in evaluation["metrics"]
+    assert evaluation["i3d_network"]["network"] == "tfhub-i3d-kinetics-400" and evaluation["i3d"] is None
     metrics = evaluation["metrics"]
+    fvd_keys = [f"{kind}{key}" for kind in ("fvd", "kvd") for key in ("", "_train_clips", "_reconstructions")]
+    assert all(math.isfinite(metrics[k]) for k in fvd_keys)
+    assert metrics["fvd"] > 0 and metrics["fvd_train_clips"] > 0 and metrics["fvd_reconstructions"] > 0
+    assert "every frame shown 2x (8 -> 16 frames)" in evaluation["fvd"]
+    assert "training clips" in first.stdout and "tokenizer reconstructions" in first.stdout
     assert metrics["heldout_loss"] > 0 and 0 <= metrics["heldout_acc1"] <= 1
     assert 0 <= metrics["code_tv"] <= 1 and 0 <= metrics["code_tv_train_clips"] <= 1
     run_id = record["stages"]["eval"]["mlflow"].split()[-1]
     client = MlflowClient(f"sqlite:///{out / 'mebt' / 'mlflow.db'}")
-    logged = client.get_metric_history(run_id, "eval/heldout_loss")
-    assert [(m.step, round(m.value, 4)) for m in logged] == [(record["stages"]["export"]["step"],
-                                                              metrics["heldout_loss"])]
+    for key in ("heldout_loss", "fvd", "fvd_train_clips", "fvd_reconstructions"):
+        logged = client.get_metric_history(run_id, f"eval/{key}")
+        assert [(m.step, m.value) for m in logged] == [(record["stages"]["export"]["step"], pytest.approx(metrics[key]))]
     assert "MLflow UI: mlflow ui --backend-store-uri sqlite:///" in first.stdout
 
     i3d = fake_i3d(tmp_path / "i3d.pt")
@@ -54,10 +61,9 @@ def test_quick_demo_makes_every_artifact_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done before") == 6 and "[eval] ..." in second.stdout
     evaluation = json.loads((out / "demo.json").read_text())["stages"]["eval"]
-    assert "note" not in evaluation and evaluation["i3d"] == str(i3d)
-    assert all(math.isfinite(evaluation["metrics"][k]) for k in ("fvd", "kvd", "fvd_train_clips", "kvd_train_clips"))
-    assert evaluation["metrics"]["fvd"] > 0 and evaluation["metrics"]["fvd_train_clips"] > 0
-    assert "repeated 2x" in evaluation["fvd"]
+    assert evaluation["i3d"] == str(i3d) and evaluation["i3d_network"]["network"].startswith("sha256:")
+    assert all(math.isfinite(evaluation["metrics"][k]) for k in fvd_keys)
+    assert evaluation["metrics"]["fvd"] != metrics["fvd"]   # another network, other numbers
 
     third = demo("--quick", "--out", out, "--i3d", i3d, cwd=tmp_path, timeout=300)
     assert third.returncode == 0 and third.stdout.count("done before") == 7, third.stderr[-3000:]
