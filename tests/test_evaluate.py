@@ -211,3 +211,24 @@ def test_eval_errors_are_one_line(trained, tmp_path):
     assert not (trained["run_dir"] / "eval" / "global_step4" / "samples" / "batch_00002.npz").exists()
     done = mebt_eval("--checkpoint", tmp_path / "nothing")
     assert done.returncode == 2 and "no mebt training checkpoint" in done.stderr.strip().splitlines()[-1]
+
+
+def test_real_clips_take_the_training_clips_frame_stride(trained, tmp_path):
+    from data_pipeline.manifest import write_dataset_json
+    from data_pipeline.video import list_videos, read_clip
+    from mebt.evaluate import EvalConfig, real_clips, real_frame_stride
+
+    cfg = EvalConfig(checkpoint="unused", real_dir=str(trained["videos"]), real_split="train", num_real=3)
+    write_dataset_json(tmp_path, {"clip": {"frame_stride": 2}})
+    info = {"config": {"data": {"data_dir": str(tmp_path)}}}
+    assert real_frame_stride(cfg, info) == 2                        # as the training clips were cut
+    assert real_frame_stride(cfg, {"config": {"data": {"data_dir": str(tmp_path / "gone")}}}) == 1
+    cfg.real_frame_stride = 3
+    assert real_frame_stride(cfg, info) == 3                        # --real-frame-stride wins
+    clips = real_clips(cfg, 8, 24, stride=2)
+    assert clips.shape == (3, 8, 24, 24, 3)
+    # Every clip is frames s, s+2, ..., s+14 of one training video (24x24 videos: no resize).
+    candidates = [read_clip(entry.path, s, 8, 2)[0] for entry in list_videos(trained["videos"], "train")
+                  for s in range(20 - 15 + 1)]
+    for clip in clips:
+        assert min(np.abs(clip.astype(int) - c.astype(int)).max() for c in candidates) <= 1
