@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from mebt.distributed import pick_device
+from mebt.train.distributed import pick_device
 
 # Widths the benchmarks compare MeBT and its baselines at. The CPU default keeps a run to minutes on two
 # cores; the paper width (d=1024, 16 heads, 24 layers) is meant for a GPU with bf16 autocast.

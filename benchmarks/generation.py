@@ -12,9 +12,9 @@ import torch
 
 from benchmarks.common import (add_common_args, autocast, print_table, print_target, ratio, run_benchmark,
                                seconds, Setup)
-from mebt.baselines import AutoregressiveTransformer
-from mebt.model import MeBT, MeBTConfig
-from mebt.sampling import PRESETS, num_forward_passes, preset, sample
+from mebt.core.baselines import AutoregressiveTransformer
+from mebt.core.model import MeBT, MeBTConfig
+from mebt.core.sampling import PRESETS, num_forward_passes, preset, sample
 
 GRIDS = {"16f": (4, 16, 16), "128f": (32, 16, 16)}
 # --quick keeps the two lengths distinct but small; the presets' chunk counts (up to 32) and bootstrap (64)

@@ -18,8 +18,8 @@ from benchmarks.common import Setup, describe_device, print_table, run_benchmark
 from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
 from data_pipeline.video import ClipConfig, iter_clips, list_videos
-from mebt.vqgan import VQGAN, VQGANConfig
-from mebt.vqgan_checkpoint import load_tokenizer, save_tokenizer
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.tokenizer.checkpoint import load_tokenizer, save_tokenizer
 
 # (videos, sequence length, resolution, tokenizer config) per size. Each video yields two clips.
 SIZES = {

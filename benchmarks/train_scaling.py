@@ -17,9 +17,9 @@ import torch
 
 from benchmarks.common import (add_common_args, autocast, print_table, print_target, ratio, run_benchmark,
                                seconds, Setup)
-from mebt.baselines import FullAttentionTransformer
-from mebt.model import MeBT, MeBTConfig
-from mebt.objective import chunked_masked_loss
+from mebt.core.baselines import FullAttentionTransformer
+from mebt.core.model import MeBT, MeBTConfig
+from mebt.core.objective import chunked_masked_loss
 
 MODELS = {"mebt": MeBT, "full": FullAttentionTransformer}
 MIB = 2 ** 20

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.shard_format import shard_name
-from mebt.checkpoint import file_sha256  # noqa: F401  (re-exported: verify and tests use it from here)
+from mebt.core.model_file import file_sha256  # noqa: F401  (re-exported: verify and tests use it from here)
 from mebt.config import UserError
 
 FORMAT_VERSION = 1

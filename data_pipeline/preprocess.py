@@ -41,7 +41,7 @@ from data_pipeline.manifest import (DATASET_JSON, FORMAT_VERSION, DatasetError, 
 from data_pipeline.shard_format import ShardWriter, shard_name
 from data_pipeline.video import ClipConfig, VideoEntry, iter_clips, list_videos
 from mebt.config import ConfigError, UserError
-from mebt.vqgan_checkpoint import load_tokenizer, tokenizer_sha256
+from mebt.tokenizer.checkpoint import load_tokenizer, tokenizer_sha256
 
 # The prefix names files and starts every sample key, which WebDataset splits at the first dot.
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+")

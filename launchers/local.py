@@ -17,8 +17,8 @@ import sys
 import time
 
 from mebt.config import UserError
-from mebt.distributed import free_port
-from mebt.engine import REQUEUE_EXIT_CODE
+from mebt.train.distributed import free_port
+from mebt.train.loop import REQUEUE_EXIT_CODE
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 

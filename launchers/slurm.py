@@ -138,7 +138,7 @@ def rendezvous_from_submitit() -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the submitit job environment (SLURM or local executor)."""
     import submitit
 
-    from mebt.distributed import slurm_port
+    from mebt.train.distributed import slurm_port
 
     env = submitit.JobEnvironment()
     digits = re.sub(r"\D", "", str(env.job_id)) or "0"   # array tasks are JOB_INDEX
@@ -155,8 +155,8 @@ class TrainTask:
 
     def __call__(self) -> dict:
         from mebt.config import load_config
-        from mebt.engine import REQUEUE_EXIT_CODE, train
-        from mebt.train_config import RunConfig
+        from mebt.train.loop import REQUEUE_EXIT_CODE, train
+        from mebt.train.config import RunConfig
 
         rendezvous_from_submitit()
         result = train(load_config(RunConfig, self.config, self.overrides))
@@ -204,8 +204,8 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     """Check everything that can be checked here, then submit (or print the sbatch script)."""
     from data_pipeline.loader import make_loader
     from mebt.config import load_config
-    from mebt.tracking import tracking_uri
-    from mebt.train_config import RunConfig, deepspeed_config
+    from mebt.train.tracking import tracking_uri
+    from mebt.train.config import RunConfig, deepspeed_config
 
     cfg = load_config(RunConfig, config, overrides)
     # Batch sizes against nodes x tasks, precision against the device, the dataset against the model: the
@@ -235,37 +235,29 @@ def _queue(slurm: SlurmConfig, out: Path, kind: str, dry_run: bool, local: bool,
     return {**info, "jobs": jobs}
 
 
-class CliTask:
-    """A `mebt` subcommand as a submitit task; ``shard_flags`` appends this task's slice of the work."""
+class PreprocessTask:
+    """One task of a preprocessing job array: the same PreprocessConfig with this task's slice of the shards."""
 
-    def __init__(self, command: str, args: list[str], shard_flags: tuple[str, str] | None = None):
-        self.command, self.args, self.shard_flags = command, list(args), shard_flags
+    def __init__(self, cfg):
+        self.cfg = cfg
 
-    def __call__(self, index: int | None = None, count: int | None = None) -> int:
-        from mebt.cli import main
+    def __call__(self, index: int, count: int) -> dict:
+        import dataclasses
 
-        extra = [self.shard_flags[0], str(index), self.shard_flags[1], str(count)] if self.shard_flags else []
-        code = main([self.command, *self.args, *extra])
-        if code:
-            raise RuntimeError(f"mebt {self.command} {' '.join(extra)} failed with exit code {code}")
-        return code
+        from data_pipeline.preprocess import preprocess
+
+        return preprocess(dataclasses.replace(self.cfg, task_index=index, num_tasks=count))
 
 
-def submit_preprocess(args: list[str], num_tasks: int, slurm: SlurmConfig, dry_run: bool = False,
+def submit_preprocess(cfg, num_tasks: int, slurm: SlurmConfig, dry_run: bool = False,
                       local: bool = False) -> dict | None:
-    from mebt.cli import build_parser
-
-    parsed = build_parser().parse_args(["preprocess", *args])   # argparse errors exit 2 here, before submitting
-    if parsed.merge or parsed.task_index is not None or parsed.num_tasks is not None:
-        raise UserError("give mebt launch slurm preprocess the preprocess arguments without --merge, --task-index "
-                        "or --num-tasks (use its own --num-tasks)")
-    if not parsed.input_dir or not parsed.tokenizer or not Path(parsed.input_dir).is_dir() \
-            or not Path(parsed.tokenizer).is_file():
+    """A job array of ``num_tasks`` tasks over ``cfg`` (a ``data_pipeline.preprocess.PreprocessConfig``)."""
+    if not Path(cfg.input_dir).is_dir() or not Path(cfg.tokenizer).is_file():
         raise UserError("mebt launch slurm preprocess needs an existing INPUT_DIR and --tokenizer file")
     if num_tasks < 1:
         raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
-    task = CliTask("preprocess", args, ("--task-index", "--num-tasks"))
-    return _queue(slurm, Path(parsed.out).resolve(), "preprocess", dry_run, local,
+    task = PreprocessTask(cfg)
+    return _queue(slurm, Path(cfg.out_dir).resolve(), "preprocess", dry_run, local,
                   lambda folder: executor(slurm, folder, local, array=num_tasks).map_array(
                       task, list(range(num_tasks)), [num_tasks] * num_tasks),
                   f", {num_tasks} array tasks; the last one merges the manifest")
@@ -295,7 +287,7 @@ def status(run_dir: str | Path, lines: int = 15) -> dict:
         metrics = run_dir / "metrics.jsonl"
         last = metrics.read_text().splitlines()[-1] if metrics.is_file() and metrics.stat().st_size else None
         report["last_logged"] = json.loads(last) if last else None
-        from mebt.train_checkpoint import latest_tag
+        from mebt.train.checkpoint import latest_tag
 
         report["checkpoint"] = latest_tag(run_dir)
     elif info["kind"] == "preprocess":
@@ -308,15 +300,11 @@ def status(run_dir: str | Path, lines: int = 15) -> dict:
     return report
 
 
-def submit_eval(args: list[str], slurm: SlurmConfig, dry_run: bool = False, local: bool = False) -> dict | None:
-    """The offline evaluator as its own job (e.g. ``--watch RUN_DIR`` beside a training job)."""
-    from mebt.cli import build_parser
-
-    parsed = build_parser().parse_args(["eval", *args])
-    target = parsed.watch or parsed.checkpoint
+def submit_eval(job, slurm: SlurmConfig, dry_run: bool = False, local: bool = False) -> dict | None:
+    """The offline evaluator as its own job (e.g. watching a run beside its training job): ``job`` is a
+    ``mebt.eval.evaluate.EvalJob``, called as it is in the job."""
+    target = job.watch or job.config.checkpoint
     if not target or not Path(target).exists():
         raise UserError("mebt launch slurm eval needs an existing --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
-    out = Path(parsed.out).resolve() if parsed.out else Path(target).resolve() / "eval" \
-        if Path(target).is_dir() else Path(str(target) + ".eval").resolve()
-    return _queue(slurm, out, "eval", dry_run, local,
-                  lambda folder: [executor(slurm, folder, local).submit(CliTask("eval", args))])
+    return _queue(slurm, job.record_dir(), "eval", dry_run, local,
+                  lambda folder: [executor(slurm, folder, local).submit(job)])

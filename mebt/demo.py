@@ -106,7 +106,7 @@ class Demo:
 
     def tokenizer(self) -> dict:
         from mebt.config import from_dict
-        from mebt.tokenizer_train import TokenizerRunConfig, train_tokenizer_on_videos
+        from mebt.train.tokenizer import TokenizerRunConfig, train_tokenizer_on_videos
 
         c = self.cfg
         # Like configs/tokenizer_tiny.yaml (embedded so the demo runs from any directory): 4 latent frames.
@@ -147,8 +147,8 @@ class Demo:
         import yaml
 
         from launchers.local import launch_local
-        from mebt.engine import train
-        from mebt.train_config import RunConfig
+        from mebt.train.loop import train
+        from mebt.train.config import RunConfig
 
         c = self.cfg
         t, h, w = tokenizer["grid"]
@@ -177,17 +177,17 @@ class Demo:
                 "final_acc1": round(records[-1]["acc1"], 4), "clips_per_s": round(records[-1]["samples_per_s"], 1)}
 
     def export(self) -> dict:
-        from mebt.train_checkpoint import export
+        from mebt.train.checkpoint import export
 
         return export(self.out / "mebt", self.out / "mebt" / "model.pt")
 
     def samples(self, model_path: str, tokenizer_path: str) -> dict:
         """Real held-out clips, samples given their first latent frame, and unconditional samples, as grids."""
         from data_pipeline.video import ClipConfig, VideoClipDataset
-        from mebt.checkpoint import load_model
+        from mebt.core.model_file import load_model
         from mebt.media import side_by_side, to_uint8, write_formats
-        from mebt.sampling import SamplingConfig, sample
-        from mebt.vqgan_checkpoint import load_tokenizer
+        from mebt.core.sampling import SamplingConfig, sample
+        from mebt.tokenizer.checkpoint import load_tokenizer
 
         n = self.cfg.num_samples
         model, tokenizer = load_model(model_path).eval(), load_tokenizer(tokenizer_path).eval()
@@ -225,13 +225,14 @@ class Demo:
           same for every set): comparable between demo runs, not with published FVD16.
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
-        from mebt.evaluate import load_for_eval, log_to_mlflow
-        from mebt.fvd import fvd, kvd
-        from mebt.i3d import i3d_features, load_i3d
+        from mebt.eval.evaluate import load_for_eval, log_to_mlflow
+        from mebt.eval.fvd import fvd, kvd
+        from mebt.eval.i3d import i3d_features
+        from mebt.eval.i3d_weights import load_i3d
         from mebt.media import to_uint8
-        from mebt.objective import masked_loss
-        from mebt.sampling import SamplingConfig, sample
-        from mebt.vqgan_checkpoint import load_tokenizer
+        from mebt.core.objective import masked_loss
+        from mebt.core.sampling import SamplingConfig, sample
+        from mebt.tokenizer.checkpoint import load_tokenizer
 
         i3d = load_i3d(self.cfg.i3d)   # the standard network unless a file was given; fails before the work
         model, info = load_for_eval(model_path)   # the exported weights with their step and MLflow run

@@ -1,6 +1,6 @@
 """Sample videos as MP4 and GIF files, for logging to MLflow.
 
-Pixels follow the tokenizer's convention (see ``mebt/vqgan.py``): float videos [N, C, T, H, W] in
+Pixels follow the tokenizer's convention (see ``mebt/tokenizer/vqgan.py``): float videos [N, C, T, H, W] in
 [-0.5, 0.5], channels first, as ``VQGAN.decode`` returns them (unclamped). ``to_uint8`` turns them into
 [N, T, H, W, 3] uint8, ``tile`` lays N clips out as one grid video, and ``write_mp4`` / ``write_gif``
 encode it with PyAV. Every file is written to a temporary name in the target folder and renamed into

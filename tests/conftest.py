@@ -6,7 +6,7 @@ import torch
 
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig
-from mebt.model import MeBT, MeBTConfig
+from mebt.core.model import MeBT, MeBTConfig
 
 # A session-wide MLflow server (started on first use) and a factory for private ones.
 pytest_plugins = ["tests.mlflow_fixtures"]

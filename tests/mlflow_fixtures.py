@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mebt.distributed import free_port
+from mebt.train.distributed import free_port
 
 
 class MlflowServer:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mebt.baselines import AutoregressiveTransformer, FullAttentionTransformer, KVCache
-from mebt.model import MeBTConfig
+from mebt.core.baselines import AutoregressiveTransformer, FullAttentionTransformer, KVCache
+from mebt.core.model import MeBTConfig
 
 B, N, V = 2, 2 * 3 * 4, 37
 

@@ -4,7 +4,7 @@ from typing import Literal, Optional
 import pytest
 
 from mebt.config import ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
-from mebt.model import MeBTConfig
+from mebt.core.model import MeBTConfig
 
 
 @dataclass

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mebt.config import load_config
-from mebt.model import MeBT
-from mebt.sampling import PRESETS
-from mebt.train_config import RunConfig, deepspeed_config
+from mebt.core.model import MeBT
+from mebt.core.sampling import PRESETS
+from mebt.train.config import RunConfig, deepspeed_config
 
 # (lr, weight decay, batch per GPU, length prior) from the paper's configs (reference section 2).
 PAPER = {
@@ -45,7 +45,7 @@ def test_every_shipped_config_validates():
 
 
 def test_lr_warmup_then_constant_or_cosine():
-    from mebt.train_config import OptimConfig, lr_factor
+    from mebt.train.config import OptimConfig, lr_factor
 
     constant = lr_factor(OptimConfig(warmup_steps=4), steps=100)
     assert [constant(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0] and constant(99) == 1.0

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from mebt.checkpoint import CheckpointError, load_model, load_model_with_extras, load_user_file, read_model_file, save_model
+from mebt.core.model_file import CheckpointError, load_model, load_model_with_extras, load_user_file, read_model_file, save_model
 from mebt.cli import main
 from mebt.config import ConfigError
-from mebt.convert import convert_official_file, convert_official_state_dict
-from mebt.model import MeBT
+from mebt.core.convert_official import convert_official_file, convert_official_state_dict
+from mebt.core.model import MeBT
 from mebt.safe_unpickle import PickledObject
 
 # The official layout (copied from shared/reference/ so the suite runs from any clone).
@@ -413,7 +413,7 @@ def test_lightning_checkpoint_converts_where_omegaconf_cannot_be_imported(tmp_pa
     script = ("import sys\n"
               "sys.modules['omegaconf'] = None  # every import of omegaconf now fails\n"
               "import torch\n"
-              "from mebt.convert import convert_official_file\n"
+              "from mebt.core.convert_official import convert_official_file\n"
               "try:\n"
               "    torch.load(sys.argv[1], weights_only=False)\n"
               "except ImportError as e:\n"

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.verify import verify_dataset
-from mebt.checkpoint import load_model
+from mebt.core.model_file import load_model
 from tests.i3d_weights import fake_i3d
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 import pytest
 
 from mebt.config import UserError
-from mebt.distributed import resolve_env, slurm_port
+from mebt.train.distributed import resolve_env, slurm_port
 
 
 def test_launcher_variables_win():

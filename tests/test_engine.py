@@ -13,14 +13,14 @@ import av
 import pytest
 import torch
 
-from mebt.checkpoint import load_model
+from mebt.core.model_file import load_model
 from mebt.cli import main
-from mebt.distributed import free_port
-from mebt.engine import REQUEUE_EXIT_CODE, MeBTLoss
-from mebt.model import MeBT
-from mebt.objective import ObjectiveConfig, masked_loss, sample_masks
-from mebt.vqgan import VQGAN, VQGANConfig
-from mebt.vqgan_checkpoint import save_tokenizer
+from mebt.train.distributed import free_port
+from mebt.train.loop import REQUEUE_EXIT_CODE, MeBTLoss
+from mebt.core.model import MeBT
+from mebt.core.objective import ObjectiveConfig, masked_loss, sample_masks
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.tokenizer.checkpoint import save_tokenizer
 
 from tests.conftest import CODES_GRID as GRID, tiny_config
 

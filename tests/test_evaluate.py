@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig
 from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
-from mebt.checkpoint import file_sha256
-from mebt.vqgan import VQGAN, VQGANConfig
-from mebt.vqgan_checkpoint import save_tokenizer
+from mebt.core.model_file import file_sha256
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.tokenizer.checkpoint import save_tokenizer
 from tests.i3d_weights import fake_i3d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_eval_errors_are_one_line(trained, tmp_path):
 def test_real_clips_take_the_training_clips_frame_stride(trained, tmp_path):
     from data_pipeline.manifest import write_dataset_json
     from data_pipeline.video import list_videos, read_clip
-    from mebt.evaluate import EvalConfig, real_clips, real_frame_stride
+    from mebt.eval.evaluate import EvalConfig, real_clips, real_frame_stride
 
     cfg = EvalConfig(checkpoint="unused", real_dir=str(trained["videos"]), real_split="train", num_real=3)
     write_dataset_json(tmp_path, {"clip": {"frame_stride": 2}})

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from mebt.config import ConfigError
-from mebt.eval_fvd import official_starts, score, window_starts
-from mebt.fvd import fvd, kvd
-from mebt.fvd_protocols import PROTOCOLS, get_protocol, resolve_counts
+from mebt.eval.scoring import official_starts, score, window_starts
+from mebt.eval.fvd import fvd, kvd
+from mebt.eval.protocols import PROTOCOLS, get_protocol, resolve_counts
 
 I3D = SimpleNamespace(network={"network": "test-features", "numerics": "tf"})
 

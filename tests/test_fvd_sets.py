@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.video import read_clip
-from mebt.fvd import fvd, kvd
+from mebt.eval.fvd import fvd, kvd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,8 @@ def test_fvd_of_two_folders_with_features_and_record(sets, tmp_path):
     assert (p["real"], p["generated_per_run"], p["runs"], p["frames"]) == (4, 4, 1, 16)
     assert p["real_sizes"] == ["144x176", "272x640", "720x1280"] and "180x320" in p["fake_sizes"]
     # Features follow sorted file names: the second FAKE file's features are fake[1].
-    from mebt.i3d import i3d_features, load_i3d
+    from mebt.eval.i3d import i3d_features
+    from mebt.eval.i3d_weights import load_i3d
 
     second = np.load(sets / "fake" / "01.npy")[None, :16]
     assert np.allclose(i3d_features(load_i3d(), second)[0], fake[1], atol=1e-4)

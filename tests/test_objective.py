@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mebt.config import ConfigError
-from mebt.model import MeBT
-from mebt.objective import (MASK_SCHEDULES, ObjectiveConfig, chunked_masked_loss, clip_length_probs, masked_loss,
+from mebt.core.model import MeBT
+from mebt.core.objective import (MASK_SCHEDULES, ObjectiveConfig, chunked_masked_loss, clip_length_probs, masked_loss,
                             param_groups, sample_masks)
 from tests.conftest import tiny_config
 

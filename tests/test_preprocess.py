@@ -21,8 +21,8 @@ from data_pipeline.synthetic_videos import SynthConfig, split_indices, video_id,
 from data_pipeline.verify import dataset_stats, verify_dataset
 from data_pipeline.video import ClipConfig, iter_clips, list_videos
 from mebt.config import ConfigError, UserError
-from mebt.vqgan import VQGAN, VQGANConfig
-from mebt.vqgan_checkpoint import load_tokenizer, save_tokenizer, tokenizer_sha256
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.tokenizer.checkpoint import load_tokenizer, save_tokenizer, tokenizer_sha256
 
 # 8 train videos once the broken one is added (7 synthetic + 1 unreadable), 2 videos per shard: 4 shards.
 # Clips of 4 frames every 4 frames of 8-frame videos: 2 clips per readable video, grids 2 x 4 x 4.

@@ -1,4 +1,4 @@
-"""mebt.runs against real MLflow stores: a local sqlite store (fast) and the shared test server (HTTP path)."""
+"""mebt.eval.runs against real MLflow stores: a local sqlite store (fast) and the shared test server (HTTP path)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from mebt.config import UserError
-from mebt.runs import compare_runs, format_table, list_runs, resolve_tracking_uri
+from mebt.eval.runs import compare_runs, format_table, list_runs, resolve_tracking_uri
 
 # name -> (optim.lr, train/loss at steps 0, 10, 20, eval/fvd16 {step: value} or None)
 RUNS = {
@@ -158,7 +158,7 @@ def test_compare_over_http_server(mlflow_server, tmp_path):
 
 
 def test_unreachable_server_is_one_line(monkeypatch):
-    from mebt.distributed import free_port
+    from mebt.train.distributed import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's setting wins over ours: fail at once
     one_line_error("cannot read MLflow tracking store", list_runs, f"http://127.0.0.1:{free_port()}")

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from mebt.config import ConfigError
-from mebt.model import MeBT, MeBTConfig, select_rows
-from mebt.sampling import (PRESETS, SamplingConfig, maskgit_schedule, num_forward_passes, preset, sample,
+from mebt.core.model import MeBT, MeBTConfig, select_rows
+from mebt.core.sampling import (PRESETS, SamplingConfig, maskgit_schedule, num_forward_passes, preset, sample,
                            sample_logits)
 
 VOCAB = 16
@@ -227,7 +227,7 @@ def test_draft_top_k_leaves_bootstrap_and_revision_unfiltered():
 
 
 def test_each_phase_samples_with_its_own_settings(monkeypatch):
-    import mebt.sampling
+    import mebt.core.sampling
 
     seen = []
 
@@ -235,7 +235,7 @@ def test_each_phase_samples_with_its_own_settings(monkeypatch):
         seen.append((temperature, top_k, top_p))
         return sample_logits(logits, temperature, top_k, top_p, generator)
 
-    monkeypatch.setattr(mebt.sampling, "sample_logits", spy)
+    monkeypatch.setattr(mebt.core.sampling, "sample_logits", spy)
     phases = dict(steps=4, bootstrap=3, n_revise=2, revise_rounds=2)
     n_maskgit = num_forward_passes(SamplingConfig(**phases), 32) - 3 - 4
     draft = dict(temperature=0.9, top_k=5, top_p=0.8)

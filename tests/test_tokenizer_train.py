@@ -5,10 +5,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from data_pipeline.synthetic_videos import SynthConfig, render_video
 from mebt.config import ConfigError
-from mebt.tokenizer_train import (EpochItems, TokenizerLoopConfig, TokenizerLossConfig, TokenizerOptimConfig,
+from mebt.train.tokenizer import (EpochItems, TokenizerLoopConfig, TokenizerLossConfig, TokenizerOptimConfig,
                                   TokenizerTrainConfig, batch_indices, evaluate, psnr_per_clip, train_tokenizer)
-from mebt.vqgan import VQGANConfig
-from mebt.vqgan_checkpoint import load_tokenizer
+from mebt.tokenizer.vqgan import VQGANConfig
+from mebt.tokenizer.checkpoint import load_tokenizer
 
 
 class SynthClips(Dataset):

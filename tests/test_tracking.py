@@ -1,4 +1,4 @@
-"""mebt.tracking against a real MLflow server (no mocks): logging, resume, a dying server, the default store."""
+"""mebt.train.tracking against a real MLflow server (no mocks): logging, resume, a dying server, the default store."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mebt.config import ConfigError
-from mebt.tracking import MLflowConfig, Tracker, TrackingWarning
-from mebt.distributed import free_port
+from mebt.train.tracking import MLflowConfig, Tracker, TrackingWarning
+from mebt.train.distributed import free_port
 from tests.mlflow_fixtures import start_mlflow_server
 
 FAST = dict(flush_every_s=0.2)
@@ -194,7 +194,7 @@ def test_inactive_tracker_does_nothing(tmp_path):
     assert len(_tracker_threads()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt"]
     # ... and it does not even import mlflow (ranks > 0 must not pay for it).
-    code = ("import sys; from mebt.tracking import MLflowConfig, Tracker; "
+    code = ("import sys; from mebt.train.tracking import MLflowConfig, Tracker; "
             "t = Tracker(MLflowConfig(), 'unused', active=False); t.log_metrics({'a': 1}, 0); t.close(); "
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
     root = str(Path(__file__).resolve().parents[1])

@@ -6,11 +6,11 @@ import torch
 
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig, uses_data_palette
-from mebt.checkpoint import load_model
+from mebt.core.model_file import load_model
 from mebt.cli import main
 from mebt.config import load_config
-from mebt.sampling import sample
-from mebt.train_config import RunConfig
+from mebt.core.sampling import sample
+from mebt.train.config import RunConfig
 
 
 def test_tiny_config_learns_the_procedural_grids(tmp_path):
@@ -56,7 +56,7 @@ def test_console_script_help_lists_subcommands():
 
 
 def test_convert_official_cli_writes_a_loadable_model(tmp_path, capsys):
-    from mebt.checkpoint import load_model
+    from mebt.core.model_file import load_model
     from tests.test_convert import N_HEAD, small_official
 
     ckpt = tmp_path / "official.ckpt"
@@ -91,7 +91,7 @@ def test_data_synth_cli_writes_and_resumes(tmp_path, capsys):
 
 
 def test_preprocess_verify_stats_cli_end_to_end(tmp_path, capsys):
-    from mebt.vqgan_checkpoint import save_tokenizer
+    from mebt.tokenizer.checkpoint import save_tokenizer
     from tests.test_preprocess import tiny_tokenizer
 
     videos, out, tok = tmp_path / "videos", tmp_path / "codes", tmp_path / "tok.pt"

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import mebt.vqgan as vqgan
+import mebt.tokenizer.vqgan as vqgan
 from mebt.config import ConfigError
-from mebt.vqgan import Codebook, SamePadConv3d, SamePadConvTranspose3d, VQGAN, VQGANConfig, same_padding
+from mebt.tokenizer.vqgan import Codebook, SamePadConv3d, SamePadConvTranspose3d, VQGAN, VQGANConfig, same_padding
 from mebt.safe_unpickle import RECORDS_PICKLE_MODULE
-from mebt.vqgan_checkpoint import TokenizerError, load_tokenizer, read_checkpoint, save_tokenizer, tokenizer_sha256
+from mebt.tokenizer.checkpoint import TokenizerError, load_tokenizer, read_checkpoint, save_tokenizer, tokenizer_sha256
 
 DATA = Path(__file__).parent / "data"
 # Every TATS VQGAN builds pre_vq_conv (encoder width -> embedding_dim, 1x1x1), but the vendored layout files

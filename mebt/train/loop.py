@@ -28,15 +28,15 @@ from torch import nn
 from tqdm import tqdm
 
 from data_pipeline.loader import make_loader
-from mebt import train_checkpoint
+from mebt.train import checkpoint as train_checkpoint
 from mebt.config import flatten, to_dict
-from mebt.distributed import any_rank, init_process_group, pick_device, resolve_env
-from mebt.flops import mebt_train_flops, mfu, peak_flops_per_s
-from mebt.model import MeBT
-from mebt.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
-from mebt.train_config import RunConfig, deepspeed_config, lr_factor
-from mebt.tracking import Tracker
-from mebt.train_samples import SampleWriter
+from mebt.train.distributed import any_rank, init_process_group, pick_device, resolve_env
+from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
+from mebt.core.model import MeBT
+from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
+from mebt.train.config import RunConfig, deepspeed_config, lr_factor
+from mebt.train.tracking import Tracker
+from mebt.train.samples import SampleWriter
 
 REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
 

@@ -12,7 +12,7 @@ import re
 import torch
 
 from mebt.config import UserError
-from mebt.model import MeBTConfig
+from mebt.core.model import MeBTConfig
 
 
 def block_flops(d: int, n_q: int, n_kv: int) -> int:

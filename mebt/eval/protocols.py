@@ -4,7 +4,7 @@ An FVD number depends on more than the two video sets: the I3D weights and numer
 pixels become uint8, the Frechet-distance arithmetic, how many videos on each side, and how many
 independent generated sets were averaged. A protocol fixes those choices:
 
-| protocol | arithmetic (``mebt.fvd``) | I3D numerics | generated pixels | generated x runs vs real |
+| protocol | arithmetic (``mebt.eval.fvd``) | I3D numerics | generated pixels | generated x runs vs real |
 |---|---|---|---|---|
 | ``float64`` (default) | float64, biased covariance (StyleGAN-V) | tf (BatchNorm eps 1e-3) | rounded | as given |
 | ``tats`` | float32, unbiased, TF-GAN root (TATS/MeBT) | tats (eps 1e-5, the TATS port) | truncated | as given |
@@ -29,8 +29,8 @@ from mebt.config import ConfigError
 @dataclass(frozen=True)
 class FVDProtocol:
     name: str
-    arithmetic: str                  # mebt.fvd.PROTOCOLS key: "float64" or "tats"
-    i3d_numerics: str                # mebt.i3d.NUMERICS key: "tf" or "tats"
+    arithmetic: str                  # mebt.eval.fvd.PROTOCOLS key: "float64" or "tats"
+    i3d_numerics: str                # mebt.eval.i3d.NUMERICS key: "tf" or "tats"
     pixels: str                      # generated videos -> uint8: "round" or "truncate" (mebt.media.to_uint8)
     num_samples: Optional[int] = None   # generated videos per run (None: the user's choice)
     runs: Optional[int] = None          # independent generated sets, each scored against the real set
@@ -74,7 +74,7 @@ def resolve_counts(protocol: FVDProtocol, **given: Optional[int]) -> dict[str, i
 
 def record(protocol: FVDProtocol, network: dict, **facts) -> dict:
     """The description stored with every number: protocol, arithmetic, network, counts and ``facts``."""
-    from mebt.fvd import KVD_PROTOCOL, PROTOCOLS as ARITHMETIC
+    from mebt.eval.fvd import KVD_PROTOCOL, PROTOCOLS as ARITHMETIC
 
     return {**asdict(protocol), **{k: v for k, v in ARITHMETIC[protocol.arithmetic].items() if k != "as_in"},
             "i3d": network, "kvd": KVD_PROTOCOL, **facts}
@@ -86,7 +86,7 @@ def fvd_kvd(real: np.ndarray, fake_runs: list[np.ndarray], protocol: FVDProtocol
     metrics: ``fvd{name}``/``kvd{name}``, the mean over runs, plus ``..._std`` (population standard
     deviation over runs) when there are several; per run: the list of each run's values.
     """
-    from mebt.fvd import fvd, kvd   # torch: imported when numbers are computed, not by `mebt --help`
+    from mebt.eval.fvd import fvd, kvd   # torch: imported when numbers are computed, not by `mebt --help`
 
     values = {f"fvd{name}": [fvd(real, f, protocol=protocol.arithmetic) for f in fake_runs],
               f"kvd{name}": [kvd(real, f) for f in fake_runs]}

@@ -3,7 +3,7 @@
 A video [B, 3, T, H, W] in [-0.5, 0.5] is encoded by a 3D conv net to a [T/dt, H/dh, W/dw] grid of
 vectors, each snapped to its nearest codebook entry; the grid of entry indices is what MeBT models.
 Module and parameter names follow TATS exactly, so a TATS Lightning checkpoint's ``state_dict`` loads
-strictly (see ``mebt.vqgan_checkpoint``); its discriminators and LPIPS network are not part of this model.
+strictly (see ``mebt.tokenizer.checkpoint``); its discriminators and LPIPS network are not part of this model.
 
 Shape of the nets (``n_hiddens`` = nh, ``downsample`` = (dt, dh, dw), n = log2 of the largest factor):
 encoder = conv_first 3->nh, n x [kernel-4 conv with stride 2 on each axis still to be reduced,

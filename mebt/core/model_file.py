@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 import torch
 
 from mebt.config import ConfigError, UserError, first_line, from_dict, to_dict
-from mebt.model import MeBT, MeBTConfig
+from mebt.core.model import MeBT, MeBTConfig
 from mebt.safe_unpickle import UnsafePickleError, load_torch_file
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from tqdm import tqdm
 from data_pipeline.manifest import atomic_write_bytes
 from data_pipeline.video import VIDEO_EXTENSIONS, read_clip
 from mebt.config import UserError, first_line
-from mebt.fvd_protocols import fvd_kvd, get_protocol, record
-from mebt.i3d import MIN_FRAMES, load_i3d, preprocess
+from mebt.eval.protocols import fvd_kvd, get_protocol, record
+from mebt.eval.i3d import MIN_FRAMES, preprocess
+from mebt.eval.i3d_weights import load_i3d
 
 
 class VideoSetError(UserError):

@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.manifest import atomic_write_bytes
-from mebt.fvd import sliding_windows
-from mebt.fvd_protocols import fvd_kvd, get_protocol, record
-from mebt.i3d import i3d_features
+from mebt.eval.fvd import sliding_windows
+from mebt.eval.protocols import fvd_kvd, get_protocol, record
+from mebt.eval.i3d import i3d_features
 
 WINDOW, STRIDE = 16, 8
 

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from mebt.config import ConfigError, check_at_least, flatten, to_dict
-from mebt.distributed import pick_device
-from mebt.vqgan import VQGAN, VQGANConfig
+from mebt.train.distributed import pick_device
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from data_pipeline.video import ClipConfig, VideoClipDataset
-from mebt.checkpoint import atomic_save
-from mebt.vqgan_checkpoint import save_tokenizer
+from mebt.core.model_file import atomic_save
+from mebt.tokenizer.checkpoint import save_tokenizer
 
 RESUME_FORMAT = "mebt-tokenizer-train-v1"
 

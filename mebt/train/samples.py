@@ -14,7 +14,7 @@ import torch
 
 from mebt.config import UserError
 from mebt.media import write_video_grid
-from mebt.sampling import sample
+from mebt.core.sampling import sample
 
 
 class SampleWriter:
@@ -23,7 +23,7 @@ class SampleWriter:
         self.dir = Path(cfg.train.run_dir) / "samples"
         self.tokenizer = None
         if cfg.train.tokenizer and active:
-            from mebt.vqgan_checkpoint import load_tokenizer
+            from mebt.tokenizer.checkpoint import load_tokenizer
 
             self.tokenizer = load_tokenizer(cfg.train.tokenizer, map_location=device)   # decode where we train
             if self.tokenizer.cfg.n_codes != cfg.model.vocab_size:

@@ -13,10 +13,10 @@ from typing import Literal
 
 from data_pipeline.loader import LoaderConfig
 from mebt.config import ConfigError, check_at_least
-from mebt.model import MeBTConfig
-from mebt.objective import ObjectiveConfig
-from mebt.sampling import SamplingConfig
-from mebt.tracking import MLflowConfig
+from mebt.core.model import MeBTConfig
+from mebt.core.objective import ObjectiveConfig
+from mebt.core.sampling import SamplingConfig
+from mebt.train.tracking import MLflowConfig
 
 
 @dataclass

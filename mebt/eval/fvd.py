@@ -1,6 +1,6 @@
 """Frechet Video Distance, Kernel Video Distance and sliding windows, computed from I3D features.
 
-FVD fits a Gaussian to each feature set (``mebt.i3d.i3d_features``: [N, 400] Kinetics-400 logits) and
+FVD fits a Gaussian to each feature set (``mebt.eval.i3d.i3d_features``: [N, 400] Kinetics-400 logits) and
 takes their Frechet distance |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)). Published numbers were
 made with two slightly different recipes, so every number must be recorded with its protocol
 (``PROTOCOLS``):

@@ -2,16 +2,17 @@
 
 ``evaluate(cfg)`` reads top to bottom: model + tokenizer -> sample and decode this process's batches
 (each batch is a file; batches already on disk are kept, so an interrupted evaluation resumes) -> I3D
-features of those batches (``mebt.eval_fvd``) -> once every batch exists: real-video features (cached on
-disk) -> FVD/KVD by the chosen protocol (``mebt.fvd_protocols``: network numerics, pixel rounding,
+features of those batches (``mebt.eval.scoring``) -> once every batch exists: real-video features (cached on
+disk) -> FVD/KVD by the chosen protocol (``mebt.eval.protocols``: network numerics, pixel rounding,
 arithmetic, counts and runs) -> ``report.json`` + an MP4/GIF grid of samples -> the metrics logged into
 the training run's MLflow run at the checkpoint's step. Batches are seeded by their index, so several
 processes (``shard_index``/``num_shards``) each sample a slice and the result does not depend on how
-the work was split or resumed. FVD uses the standard I3D (``mebt.i3d_weights``) unless ``i3d`` names a
+the work was split or resumed. FVD uses the standard I3D (``mebt.eval.i3d_weights``) unless ``i3d`` names a
 weights file, and needs real videos (``real_dir``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.manifest import atomic_write_bytes
-from mebt.checkpoint import load_model_with_extras
+from mebt.core.model_file import load_model_with_extras
 from mebt.config import ConfigError, UserError, first_line
-from mebt.distributed import pick_device
-from mebt.fvd_protocols import get_protocol, resolve_counts
-from mebt.i3d_weights import cache_root
+from mebt.train.distributed import pick_device
+from mebt.eval.protocols import get_protocol, resolve_counts
+from mebt.eval.i3d_weights import cache_root
 from mebt.media import tile, to_uint8, write_formats
-from mebt.sampling import SamplingConfig, sample
+from mebt.core.sampling import SamplingConfig, sample
 
 
 @dataclass
@@ -37,7 +38,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     out_dir: str | None = None             # default: RUN_DIR/eval/global_stepN, or MODEL.eval/
     tokenizer: str | None = None           # default: the run config's train.tokenizer
-    protocol: str = "float64"              # mebt.fvd_protocols: float64, tats, mebt_16f, mebt_128f
+    protocol: str = "float64"              # mebt.eval.protocols: float64, tats, mebt_16f, mebt_128f
     num_samples: int | None = None         # generated videos per run (default 256, or the protocol's)
     runs: int | None = None                # generated sets, each scored (default 1, or the protocol's)
     batch_size: int = 16
@@ -86,7 +87,7 @@ def load_for_eval(checkpoint: str | Path):
                        "config": json.loads(extras["run_config"]) if "run_config" in extras else None,
                        "run_dir": source.parent.parent if source else None,
                        "mlflow_run_id": extras.get("mlflow_run_id"), "tag": extras.get("tag", path.stem)}
-    from mebt.train_checkpoint import consolidated_model
+    from mebt.train.checkpoint import consolidated_model
 
     model, meta, tag_dir = consolidated_model(path)
     return model, {"step": meta["step"], "config": meta["config"], "run_dir": tag_dir.parent.parent,
@@ -189,8 +190,8 @@ def real_clips(cfg: EvalConfig, frames: int, resolution: int, stride: int) -> np
 
 
 def score(cfg: EvalConfig, samples: Path, i3d, device, info: dict) -> dict:
-    """FVD/KVD of every batch's features (``mebt.eval_fvd``) against real clips of the same length."""
-    from mebt.eval_fvd import generated_features, real_features, score as score_features
+    """FVD/KVD of every batch's features (``mebt.eval.scoring``) against real clips of the same length."""
+    from mebt.eval.scoring import generated_features, real_features, score as score_features
 
     files = [_batch_file(samples, j) for j in range(_num_batches(cfg))]
     with np.load(files[0], allow_pickle=False) as first:
@@ -229,7 +230,7 @@ def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from mebt.tracking import tracking_uri
+    from mebt.train.tracking import tracking_uri
 
     uri = tracking_uri((config.get("mlflow") or {}).get("tracking_uri"), info["run_dir"])
     try:
@@ -252,7 +253,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokenizer_path = cfg.tokenizer or ((info["config"] or {}).get("train") or {}).get("tokenizer")
     if not tokenizer_path:
         raise UserError("mebt eval needs the tokenizer that made the shards to decode samples: pass --tokenizer")
-    from mebt.vqgan_checkpoint import load_tokenizer
+    from mebt.tokenizer.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path).to(device).eval()
     if tokenizer.cfg.n_codes != model.cfg.vocab_size:
@@ -262,14 +263,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise UserError("FVD needs real videos: pass --real-dir (a video folder with split files) with --i3d")
     i3d = None
     if cfg.real_dir:   # the network loads (or fails) before any sampling
-        from mebt.i3d import load_i3d
+        from mebt.eval.i3d_weights import load_i3d
 
         i3d = load_i3d(cfg.i3d, numerics=get_protocol(cfg.protocol).i3d_numerics).to(device)
     out = eval_dir(cfg, info)
     start = time.perf_counter()
     sample_batches(model, tokenizer, cfg, out / "samples", device)
     if i3d is not None:   # this process's share of the I3D work, next to its batches
-        from mebt.eval_fvd import generated_features
+        from mebt.eval.scoring import generated_features
 
         generated_features([_batch_file(out / "samples", j) for j in _batches(cfg)], cfg.frames, i3d, device)
     seconds_sampling = time.perf_counter() - start
@@ -292,14 +293,45 @@ def evaluate(cfg: EvalConfig) -> dict:
     return report
 
 
+@dataclass
+class EvalJob:
+    """`mebt eval` as one picklable callable (what a SLURM job runs): evaluate ``config`` once, or with
+    ``watch`` evaluate every checkpoint of that run as it appears (each in ``config.out_dir/TAG`` when an
+    output dir is set, else in its own ``eval_dir``)."""
+    config: EvalConfig
+    watch: str | None = None
+    poll_s: float = 30.0
+    max_evals: int | None = None
+
+    def config_for(self, checkpoint: str) -> EvalConfig:
+        out = self.config.out_dir
+        if self.watch and out:
+            out = str(Path(out) / Path(checkpoint).name)
+        return dataclasses.replace(self.config, checkpoint=str(checkpoint), out_dir=out)
+
+    def record_dir(self) -> Path:
+        """Where a submitted job records itself: the output dir, else next to what it evaluates."""
+        if self.config.out_dir:
+            return Path(self.config.out_dir).resolve()
+        target = Path(self.watch or self.config.checkpoint)
+        return target.resolve() / "eval" if target.is_dir() else Path(str(target) + ".eval").resolve()
+
+    def __call__(self) -> dict | list[dict]:
+        if self.watch:
+            return watch(self.watch, self.config_for, poll_s=self.poll_s, max_evals=self.max_evals)
+        if not self.config.checkpoint:
+            raise UserError("mebt eval needs --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
+        return evaluate(self.config)
+
+
 def watch(run_dir: str | Path, make_config, poll_s: float = 30.0, max_evals: int | None = None) -> list[dict]:
     """Evaluate every checkpoint of a run once, as it appears, until stopped (Ctrl-C/SIGTERM) or
     ``max_evals``. The ``report.json`` in a checkpoint's ``eval_dir`` marks it as done, so a restarted
     watcher skips it; a checkpoint pruned by training before its turn is skipped with a message."""
     import signal
 
-    from mebt.checkpoint import CheckpointError
-    from mebt.train_checkpoint import CKPT_DIR, META, tag_dirs
+    from mebt.core.model_file import CheckpointError
+    from mebt.train.checkpoint import CKPT_DIR, META, tag_dirs
 
     ckpt_dir = Path(run_dir) / CKPT_DIR
     reports: list[dict] = []

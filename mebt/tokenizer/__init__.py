@@ -1,0 +1,1 @@
+"""The 3D VQGAN tokenizer (TATS architecture) and its checkpoints."""
