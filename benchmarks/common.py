@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from mebt.fsutil import write_json
 from mebt.train.distributed import pick_device
 
 # Widths the benchmarks compare MeBT and its baselines at. The CPU default keeps a run to minutes on two
@@ -122,6 +122,6 @@ def run_benchmark(args: argparse.Namespace, run: Callable[[argparse.Namespace, S
         result = run(args, setup(args))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result

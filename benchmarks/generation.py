@@ -10,11 +10,11 @@ import argparse
 
 import torch
 
-from benchmarks.common import (add_common_args, autocast, print_table, print_target, ratio, run_benchmark,
-                               seconds, Setup)
+from benchmarks.common import Setup, add_common_args, autocast, print_table, print_target, ratio, run_benchmark, seconds
 from mebt.core.baselines import AutoregressiveTransformer
 from mebt.core.model import MeBT, MeBTConfig
 from mebt.core.sampling import PRESETS, num_forward_passes, preset, sample
+from mebt.fsutil import seed_everything
 
 GRIDS = {"16f": (4, 16, 16), "128f": (32, 16, 16)}
 # --quick keeps the two lengths distinct but small; the presets' chunk counts (up to 32) and bootstrap (64)
@@ -29,7 +29,7 @@ def grid_for(preset_name: str, quick: bool) -> tuple[int, int, int]:
 
 
 def build(cls, grid, env: Setup, seed: int):
-    torch.manual_seed(seed)
+    seed_everything(seed)
     return cls(MeBTConfig(latent_shape=grid, numerics="preln", **env.dims)).to(env.device).eval()
 
 

@@ -10,7 +10,6 @@ with ``verify: sha256`` shows what hashing every shard adds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -23,8 +22,9 @@ import torch
 
 from benchmarks.common import print_table, print_target, ratio
 from data_pipeline.loader import LoaderConfig, make_loader, tar_members
-from data_pipeline.manifest import DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS, file_sha256
+from data_pipeline.manifest import DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS
 from data_pipeline.shard_format import CODES_EXT, ShardWriter, shard_name
+from mebt.fsutil import file_sha256, write_json
 
 GRID = (4, 16, 16)
 VOCAB = 16384
@@ -49,7 +49,7 @@ def write_dataset(root: Path, num_clips: int, shard_size: int, seed: int) -> Non
                        "sha256": file_sha256(root / name)})
     pq.write_table(pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA), root / MANIFEST)
     pq.write_table(pa.Table.from_pylist(shards, schema=SHARD_SCHEMA), root / SHARDS)
-    (root / DATASET_JSON).write_text(json.dumps({"complete": True, "codebook_size": VOCAB, "grid": list(GRID)}))
+    write_json(root / DATASET_JSON, {"complete": True, "codebook_size": VOCAB, "grid": list(GRID)})
 
 
 def raw_bound(root: Path, batch_size: int) -> tuple[int, float]:
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
         result = run(root, args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

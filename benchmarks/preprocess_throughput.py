@@ -18,8 +18,9 @@ from benchmarks.common import Setup, describe_device, print_table, run_benchmark
 from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
 from data_pipeline.video import ClipConfig, iter_clips, list_videos
-from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.fsutil import seed_everything
 from mebt.tokenizer.checkpoint import load_tokenizer, save_tokenizer
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 
 # (videos, sequence length, resolution, tokenizer config) per size. Each video yields two clips.
 SIZES = {
@@ -74,7 +75,7 @@ def measure(args, size: str, device: torch.device, work: Path) -> dict:
                                                          test_fraction=0.0), progress=False)
     tokenizer = Path(args.tokenizer) if args.tokenizer else work / "tokenizer.pt"
     if not args.tokenizer:
-        torch.manual_seed(0)
+        seed_everything(0)
         save_tokenizer(VQGAN(tok_cfg), tokenizer)
     print(f"device: {describe_device(device)}; {n_videos} videos, clips {length}x{resolution}x{resolution}, "
           f"batch {args.batch_size}, {args.workers} workers")

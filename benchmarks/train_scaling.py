@@ -15,8 +15,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import (add_common_args, autocast, print_table, print_target, ratio, run_benchmark,
-                               seconds, Setup)
+from benchmarks.common import Setup, add_common_args, autocast, print_table, print_target, ratio, run_benchmark, seconds
 from mebt.core.baselines import FullAttentionTransformer
 from mebt.core.model import MeBT, MeBTConfig
 from mebt.core.objective import chunked_masked_loss

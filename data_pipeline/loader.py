@@ -55,11 +55,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.loader_state import (DatasetIndex, EpochPlan, StreamPlan, check_state, consumed_batches,
-                                        make_state, stream_of_worker)
+from data_pipeline.loader_state import (
+    DatasetIndex,
+    EpochPlan,
+    StreamPlan,
+    check_state,
+    consumed_batches,
+    make_state,
+    stream_of_worker,
+)
 from data_pipeline.manifest import DatasetError
 from data_pipeline.shard_format import CODES_EXT
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
+
 
 class CorruptShardError(DatasetError):
     """A shard that cannot be read (with ``on_corrupt: fail``)."""

@@ -41,7 +41,7 @@ import torch
 
 from data_pipeline.manifest import MANIFEST, SAMPLE_SCHEMA, DatasetError, load_tables
 from data_pipeline.shard_format import CODES_EXT
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 STATE_VERSION = 1
 MANIFEST_COLUMNS = tuple(SAMPLE_SCHEMA.names)

@@ -15,15 +15,14 @@ Every file here is written under a temporary name and renamed, so concurrent tas
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.shard_format import shard_name
-from mebt.core.model_file import file_sha256  # noqa: F401  (re-exported: verify and tests use it from here)
-from mebt.config import UserError
+from mebt.errors import UserError
+from mebt.fsutil import atomic_write, file_sha256, write_bytes
 
 FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
@@ -49,20 +48,9 @@ class DatasetError(UserError):
     """A dataset directory that is missing, incomplete or inconsistent; the message names the file and fix."""
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = _tmp_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _write_table(path: Path, table: pa.Table) -> None:
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_dataset_json(out_dir: str | Path) -> dict:
@@ -77,7 +65,7 @@ def read_dataset_json(out_dir: str | Path) -> dict:
 
 
 def write_dataset_json(out_dir: str | Path, info: dict) -> None:
-    atomic_write_bytes(Path(out_dir) / DATASET_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(Path(out_dir) / DATASET_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
 
 
 def expected_shards(info: dict) -> list[str]:
@@ -97,7 +85,7 @@ def write_part(out_dir: str | Path, shard: str, rows: list[dict], skipped: list[
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA.with_metadata({_PART_META_KEY: meta}))
     path = part_path(out_dir, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_table(path, table)
+    _write_table(path, table)
     return summary
 
 
@@ -153,8 +141,8 @@ def merge_manifest(out_dir: str | Path) -> dict:
     keys = manifest.column("key").to_pylist()
     if len(set(keys)) != len(keys):
         raise DatasetError(f"'{out_dir}' lists some sample keys more than once; preprocess into a new directory")
-    _atomic_write_table(out_dir / MANIFEST, manifest)
-    _atomic_write_table(out_dir / SHARDS, pa.Table.from_pylist(summaries, schema=SHARD_SCHEMA))
+    _write_table(out_dir / MANIFEST, manifest)
+    _write_table(out_dir / SHARDS, pa.Table.from_pylist(summaries, schema=SHARD_SCHEMA))
     counts = {
         "videos_listed": info["num_videos"],
         "videos": len(set(manifest.column("video_id").to_pylist())),

@@ -36,11 +36,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.manifest import (DATASET_JSON, FORMAT_VERSION, DatasetError, finished_shards, merge_manifest,
-                                    part_path, read_dataset_json, write_dataset_json, write_part)
+from data_pipeline.manifest import (
+    DATASET_JSON,
+    FORMAT_VERSION,
+    DatasetError,
+    finished_shards,
+    merge_manifest,
+    part_path,
+    read_dataset_json,
+    write_dataset_json,
+    write_part,
+)
 from data_pipeline.shard_format import ShardWriter, shard_name
 from data_pipeline.video import ClipConfig, VideoEntry, iter_clips, list_videos
-from mebt.config import ConfigError, UserError
+from mebt.errors import ConfigError, UserError
+from mebt.fsutil import leftovers
 from mebt.tokenizer.checkpoint import load_tokenizer, tokenizer_sha256
 
 # The prefix names files and starts every sample key, which WebDataset splits at the first dot.
@@ -285,7 +295,7 @@ def _run_pool(cfg: PreprocessConfig, settings: dict, jobs: list, bar: tqdm) -> l
 def _remove_leftovers(out_dir: Path, shard: str) -> None:
     """Temporary files of a killed run; only for shards this task is about to redo (others may be in flight)."""
     part = part_path(out_dir, shard)
-    for leftover in [*out_dir.glob(f"{shard}.tmp*"), *part.parent.glob(f"{part.name}.tmp*")]:
+    for leftover in [*leftovers(out_dir / shard), *leftovers(part)]:
         leftover.unlink(missing_ok=True)
 
 

@@ -7,7 +7,7 @@ of tar members sharing a key (WebDataset convention: the key is the member name 
 - ``KEY.json``: UTF-8 JSON metadata (video id, split, start frame, stride, fps, source path, ...).
 
 Shards are written under a temporary name and renamed when complete, so a shard that exists is whole;
-``*.tar.tmp*`` leftovers of an interrupted run are ignored and overwritten.
+Temporary files of an interrupted run (``.NAME.tmp-PID.tar``) are never read and are removed by the rerun.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from mebt.fsutil import temporary_name
 
 CODES_EXT = "codes.npy"
 META_EXT = "json"
@@ -59,7 +61,7 @@ class ShardWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        self.tmp = temporary_name(self.path)   # the naming fsutil.leftovers finds after a crash
         self.tar = tarfile.open(self.tmp, "w")
         self.count = 0
 

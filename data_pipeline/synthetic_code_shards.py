@@ -17,7 +17,7 @@ from data_pipeline.manifest import FORMAT_VERSION, finished_shards, merge_manife
 from data_pipeline.preprocess import prepare_out_dir, write_code_shard
 from data_pipeline.shard_format import shard_name
 from data_pipeline.synthetic_codes import SyntheticCodesConfig, make_code_grids
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 
 @dataclass

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.manifest import META_FIELDS, DatasetError, expected_shards, file_sha256, load_tables
+from data_pipeline.manifest import META_FIELDS, DatasetError, expected_shards, load_tables
 from data_pipeline.shard_format import CODES_DTYPE, read_shard
+from mebt.fsutil import file_sha256
 
 # Problems listed per shard before the rest are only counted: one line per shard stays readable.
 MAX_PROBLEMS_PER_SHARD = 3

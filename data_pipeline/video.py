@@ -14,7 +14,6 @@ import functools
 import logging
 import math
 import re
-from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, NamedTuple
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mebt.config import ConfigError, UserError
+from mebt.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +31,6 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Frame folders carry no frame rate; this is only reported in the clip metadata, never used for sampling.
 FRAME_FOLDER_FPS = 25.0
-# libx264 constant-rate factor for written videos: near-lossless, so small shapes survive compression.
-DEFAULT_CRF = 10
 
 
 class VideoReadError(UserError):
@@ -210,24 +207,6 @@ def read_clip(path, start: int = 0, count: int | None = None, stride: int = 1) -
 def read_video(path) -> tuple[np.ndarray, float]:
     """All frames of a video file or frame folder as uint8 [T, H, W, 3], and the frame rate."""
     return read_clip(path)
-
-
-def write_video(path, frames: np.ndarray, fps: float, crf: int = DEFAULT_CRF, container_format: str = "mp4",
-                keyframe_interval: int | None = None) -> None:
-    """Encode uint8 [T, H, W, 3] frames (even H and W) as H.264 yuv420p.
-
-    ``container_format`` is explicit so any file name (e.g. a temporary one) works.
-    """
-    h, w = frames.shape[1:3]
-    if h % 2 or w % 2:
-        raise ValueError(f"H.264 yuv420p needs even frame sizes, got {h}x{w}")
-    with av.open(str(path), "w", format=container_format) as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))  # 29.97 stays exact
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf)} | ({"g": str(keyframe_interval)} if keyframe_interval else {})
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
 
 
 # ----------------------------------------------------------------------------------------- preprocessing

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from mebt.config import UserError
+from mebt.errors import UserError
 from mebt.train.distributed import free_port
 from mebt.train.loop import REQUEUE_EXIT_CODE
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mebt.config import ConfigError, UserError
+from mebt.errors import ConfigError, UserError
 
 LAUNCH_JSON = "launch.json"
 
@@ -155,8 +155,8 @@ class TrainTask:
 
     def __call__(self) -> dict:
         from mebt.config import load_config
-        from mebt.train.loop import REQUEUE_EXIT_CODE, train
         from mebt.train.config import RunConfig
+        from mebt.train.loop import REQUEUE_EXIT_CODE, train
 
         rendezvous_from_submitit()
         result = train(load_config(RunConfig, self.config, self.overrides))
@@ -187,10 +187,10 @@ def record(run_dir: Path, job, kind: str, cfg: SlurmConfig, command: list[str]) 
     info = {"kind": kind, "job_id": job_id, "submitted_at": time.time(), "slurm": asdict(cfg),
             "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "folder": str(job.paths.folder),
             "command": command}
-    from data_pipeline.manifest import atomic_write_bytes
+    from mebt.fsutil import write_bytes
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / LAUNCH_JSON, json.dumps(info, indent=2).encode())
+    write_bytes(run_dir / LAUNCH_JSON, json.dumps(info, indent=2).encode())
     return info
 
 
@@ -204,8 +204,8 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     """Check everything that can be checked here, then submit (or print the sbatch script)."""
     from data_pipeline.loader import make_loader
     from mebt.config import load_config
-    from mebt.train.tracking import tracking_uri
     from mebt.train.config import RunConfig, deepspeed_config
+    from mebt.train.tracking import tracking_uri
 
     cfg = load_config(RunConfig, config, overrides)
     # Batch sizes against nodes x tasks, precision against the device, the dataset against the model: the

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from mebt.config import UserError
+from mebt.errors import UserError
+from mebt.fsutil import write_json
 
 BENCHMARKS = {
     "train-scaling": ("benchmarks.train_scaling", "training step time and activation memory vs tokens, MeBT vs full attention"),
@@ -18,8 +18,8 @@ BENCHMARKS = {
 
 def cmd_train(args) -> int:
     from mebt.config import load_config
-    from mebt.train.loop import REQUEUE_EXIT_CODE, train
     from mebt.train.config import RunConfig
+    from mebt.train.loop import REQUEUE_EXIT_CODE, train
 
     result = train(load_config(RunConfig, args.config, args.overrides))
     if result["preempted"]:
@@ -156,8 +156,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_fvd(args) -> None:
-    from mebt.train.distributed import pick_device
     from mebt.eval.fvd_sets import fvd_between
+    from mebt.train.distributed import pick_device
 
     result = fvd_between(args.real, args.fake, protocol=args.protocol, frames=args.frames, runs=args.runs,
                          i3d=args.i3d, json_path=args.json, features_out=args.features_out,
@@ -279,7 +279,7 @@ def cmd_data_stats(args) -> None:
     stats = dataset_stats(args.dir)
     print(format_stats(stats))
     if args.json:
-        Path(args.json).write_text(json.dumps(stats, indent=2))
+        write_json(args.json, stats)
 
 
 def cmd_bench(args) -> None:

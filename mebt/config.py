@@ -16,18 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class UserError(ValueError):
-    """Bad input from the user (config, file, checkpoint); the CLI prints the one-line message and exits 2."""
-
-
-def first_line(e: Exception) -> str:
-    """The first line of an exception's message (torch.load errors span many lines)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-class ConfigError(UserError):
-    """A bad configuration value; the message is one line naming the key and the fix."""
+from mebt.errors import ConfigError
 
 
 def check_at_least(cfg, keys: tuple[str, ...], minimum: int) -> None:

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mebt.config import UserError, load_config
+from mebt.config import load_config
+from mebt.errors import UserError
+from mebt.fsutil import write_json, write_text
 
 # MaskGIT + revision settings for the demo's samples (logged with the run; `mebt eval` takes the same as
 # overrides). A small model committing codes in confidence order fills whole clips with the background
@@ -88,9 +90,7 @@ class Demo:
         start = time.perf_counter()
         result = run()
         done[name] = {**result, "seconds": round(time.perf_counter() - start, 1)}
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2))
-        tmp.replace(self.record_path)
+        write_json(self.record_path, self.record)
         return done[name]
 
     # --- stages ----------------------------------------------------------------------------------------
@@ -147,8 +147,8 @@ class Demo:
         import yaml
 
         from launchers.local import launch_local
-        from mebt.train.loop import train
         from mebt.train.config import RunConfig
+        from mebt.train.loop import train
 
         c = self.cfg
         t, h, w = tokenizer["grid"]
@@ -165,7 +165,7 @@ class Demo:
                       "tokenizer": tokenizer["tokenizer"], "seed": c.seed, "run_dir": str(self.out / "mebt")},
         }
         path = self.out / "mebt_config.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_text(path, yaml.safe_dump(config, sort_keys=False))
         if c.nproc > 1:
             code = launch_local(c.nproc, ["--config", str(path)])
             if code:
@@ -185,8 +185,8 @@ class Demo:
         """Real held-out clips, samples given their first latent frame, and unconditional samples, as grids."""
         from data_pipeline.video import ClipConfig, VideoClipDataset
         from mebt.core.model_file import load_model
-        from mebt.media import side_by_side, to_uint8, write_formats
         from mebt.core.sampling import SamplingConfig, sample
+        from mebt.media import side_by_side, to_uint8, write_formats
         from mebt.tokenizer.checkpoint import load_tokenizer
 
         n = self.cfg.num_samples
@@ -225,13 +225,13 @@ class Demo:
           same for every set): comparable between demo runs, not with published FVD16.
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
+        from mebt.core.objective import masked_loss
+        from mebt.core.sampling import SamplingConfig, sample
         from mebt.eval.evaluate import load_for_eval, log_to_mlflow
         from mebt.eval.fvd import fvd, kvd
         from mebt.eval.i3d import i3d_features
         from mebt.eval.i3d_weights import load_i3d
         from mebt.media import to_uint8
-        from mebt.core.objective import masked_loss
-        from mebt.core.sampling import SamplingConfig, sample
         from mebt.tokenizer.checkpoint import load_tokenizer
 
         i3d = load_i3d(self.cfg.i3d)   # the standard network unless a file was given; fails before the work

@@ -3,22 +3,22 @@
 Pixels follow the tokenizer's convention (see ``mebt/tokenizer/vqgan.py``): float videos [N, C, T, H, W] in
 [-0.5, 0.5], channels first, as ``VQGAN.decode`` returns them (unclamped). ``to_uint8`` turns them into
 [N, T, H, W, 3] uint8, ``tile`` lays N clips out as one grid video, and ``write_mp4`` / ``write_gif``
-encode it with PyAV. Every file is written to a temporary name in the target folder and renamed into
-place, so a crash or a failed encode never leaves a half-written video under the final name.
+encode it with PyAV (``write_mp4`` is the one MP4 writer: the data pipeline's videos go through it too).
+Every file is written through ``mebt.fsutil.atomic_write``, so a crash or a failed encode never leaves a
+half-written video under the final name.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
-from mebt.config import UserError
-
+from mebt.errors import UserError
+from mebt.fsutil import atomic_write
 
 PIXEL_RULES = ("round", "truncate")
 
@@ -77,19 +77,13 @@ def _check_frames(frames: np.ndarray) -> None:
 
 
 def _atomic_encode(path: str | Path, encode) -> Path:
-    """Run ``encode(tmp_path)`` then rename onto ``path``; an unwritable path is a one-line UserError."""
+    """Run ``encode(tmp_path)`` inside ``mebt.fsutil.atomic_write``; an unwritable path is a one-line UserError."""
     path = Path(path)
-    # Same folder as the target, so os.replace is an atomic rename on one file system.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        encode(tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            encode(tmp)
     except OSError as e:  # PyAV's errors (e.g. av.error.PermissionError) are OSError subclasses too
         raise UserError(f"cannot write video '{path}': {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):  # nothing to clean up when the folder itself is unusable
-            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -101,24 +95,29 @@ def _mp4_codec() -> str:
         return "mpeg4"
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """uint8 [T, H, W, 3] -> H.264 (or MPEG-4 Part 2) yuv420p MP4. Odd sizes get one black row/column."""
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8, crf: int = 18,
+              keyframe_interval: int | None = None) -> Path:
+    """uint8 [T, H, W, 3] -> H.264 (or MPEG-4 Part 2) yuv420p MP4, the one MP4 writer of mebt.
+
+    Odd sizes get one black row/column (yuv420p halves the chroma size). ``crf`` 18 is near-lossless to
+    the eye; ``fps`` may be fractional (29.97 stays exact); ``keyframe_interval`` sets the GOP length.
+    """
     _check_frames(frames)
     t, h, w, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))  # yuv420p halves the chroma size
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     codec = _mp4_codec()
 
     def encode(tmp: Path):
-        # format= because the temporary name has no .mp4 suffix to infer the container from.
         with av.open(str(tmp), "w", format="mp4") as out:
-            stream = out.add_stream(codec, rate=fps)
+            stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             if codec == "libx264":
-                stream.options = {"crf": "18", "preset": "medium"}  # near-lossless to the eye; samples are small
+                stream.options = {"crf": str(crf), "preset": "medium"} | (
+                    {"g": str(keyframe_interval)} if keyframe_interval else {})
             else:
                 stream.bit_rate = 8_000_000
             for frame in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
             out.mux(stream.encode())  # flush delayed frames
 
     return _atomic_encode(path, encode)

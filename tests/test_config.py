@@ -3,8 +3,9 @@ from typing import Literal, Optional
 
 import pytest
 
-from mebt.config import ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
+from mebt.config import apply_overrides, flatten, from_dict, load_config, to_dict
 from mebt.core.model import MeBTConfig
+from mebt.errors import ConfigError
 
 
 @dataclass

@@ -19,11 +19,18 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from mebt.core.model_file import CheckpointError, load_model, load_model_with_extras, load_user_file, read_model_file, save_model
 from mebt.cli import main
-from mebt.config import ConfigError
 from mebt.core.convert_official import convert_official_file, convert_official_state_dict
 from mebt.core.model import MeBT
+from mebt.core.model_file import (
+    CheckpointError,
+    load_model,
+    load_model_with_extras,
+    load_user_file,
+    read_model_file,
+    save_model,
+)
+from mebt.errors import ConfigError
 from mebt.safe_unpickle import PickledObject
 
 # The official layout (copied from shared/reference/ so the suite runs from any clone).

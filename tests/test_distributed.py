@@ -1,7 +1,7 @@
 """Rendezvous settings from the environment each launcher leaves (torchrun/deepspeed, srun, none)."""
 import pytest
 
-from mebt.config import UserError
+from mebt.errors import UserError
 from mebt.train.distributed import resolve_env, slurm_port
 
 

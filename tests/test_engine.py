@@ -13,16 +13,16 @@ import av
 import pytest
 import torch
 
-from mebt.core.model_file import load_model
 from mebt.cli import main
+from mebt.core.model import MeBT
+from mebt.core.model_file import load_model
+from mebt.core.objective import ObjectiveConfig, masked_loss, sample_masks
+from mebt.tokenizer.checkpoint import save_tokenizer
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from mebt.train.distributed import free_port
 from mebt.train.loop import REQUEUE_EXIT_CODE, MeBTLoss
-from mebt.core.model import MeBT
-from mebt.core.objective import ObjectiveConfig, masked_loss, sample_masks
-from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
-from mebt.tokenizer.checkpoint import save_tokenizer
-
-from tests.conftest import CODES_GRID as GRID, tiny_config
+from tests.conftest import CODES_GRID as GRID
+from tests.conftest import tiny_config
 
 
 def overrides(codes_dir, run_dir, **extra) -> list[str]:

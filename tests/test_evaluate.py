@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig
 from data_pipeline.synthetic_videos import SynthConfig, write_synthetic_dataset
-from mebt.core.model_file import file_sha256
-from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.fsutil import file_sha256
 from mebt.tokenizer.checkpoint import save_tokenizer
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from tests.i3d_weights import fake_i3d
 
 ROOT = Path(__file__).resolve().parents[1]

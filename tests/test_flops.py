@@ -3,9 +3,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mebt.config import UserError
 from mebt.core.flops import mebt_forward_flops, mebt_train_flops, mfu, peak_flops_per_s, peak_for_name
 from mebt.core.model import MeBT
+from mebt.errors import UserError
 from tests.conftest import tiny_config
 
 PLAN = ["latent_enc", "latent_self", "latent_enc", "latent_dec", "lt2l", "latent_dec"]  # every block kind

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from mebt.eval.fvd import (PROTOCOLS, FVDError, frechet_distance, fvd, gaussian_stats, kvd, sliding_windows)
+from mebt.eval.fvd import PROTOCOLS, FVDError, frechet_distance, fvd, gaussian_stats, kvd, sliding_windows
 
 
 def rotation(d, seed):

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mebt.config import ConfigError
-from mebt.eval.scoring import official_starts, score, window_starts
+from mebt.errors import ConfigError
 from mebt.eval.fvd import fvd, kvd
 from mebt.eval.protocols import PROTOCOLS, get_protocol, resolve_counts
+from mebt.eval.scoring import official_starts, score, window_starts
 
 I3D = SimpleNamespace(network={"network": "test-features", "numerics": "tf"})
 

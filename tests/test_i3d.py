@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from mebt.core.model_file import CheckpointError, file_sha256
-from mebt.eval.i3d import (MIN_FRAMES, WEIGHTS_NAME, I3DInputError, InceptionI3d, i3d_features, preprocess,
-                           same_padding)
+from mebt.core.model_file import CheckpointError
+from mebt.eval.i3d import MIN_FRAMES, WEIGHTS_NAME, I3DInputError, InceptionI3d, i3d_features, preprocess, same_padding
 from mebt.eval.i3d_weights import load_i3d
+from mebt.fsutil import file_sha256
 from mebt.media import to_uint8
 
 # The real weights file's layout (copied from shared/reference/ so the suite runs from any clone).

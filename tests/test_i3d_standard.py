@@ -16,8 +16,7 @@ import torch
 from data_pipeline.video import read_clip
 from mebt.core.model_file import CheckpointError
 from mebt.eval.i3d import preprocess
-from mebt.eval.i3d_weights import (NETWORK, convert_flax_variables, load_i3d, package_weights,
-                                   standard_i3d_state_dict)
+from mebt.eval.i3d_weights import NETWORK, convert_flax_variables, load_i3d, package_weights, standard_i3d_state_dict
 from mebt.safe_unpickle import UnsafePickleError, load_numpy_tree
 from tests.conftest import fetched_dep
 

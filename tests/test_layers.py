@@ -8,7 +8,6 @@ functions (a lazy import that runs up a layer is still an arrow the wrong way).
 import ast
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mebt", "data_pipeline", "launchers")
 LAYERS = [   # (layer, module prefixes), bottom first

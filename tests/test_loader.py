@@ -10,13 +10,21 @@ import torch
 
 from benchmarks import loader_throughput
 from data_pipeline import loader as loader_module
-from data_pipeline.loader import (CorruptShardError, CorruptShardWarning, LoaderConfig, _tarfile_members,
-                                  make_loader, read_clips, tar_members)
+from data_pipeline.loader import (
+    CorruptShardError,
+    CorruptShardWarning,
+    LoaderConfig,
+    _tarfile_members,
+    make_loader,
+    read_clips,
+    tar_members,
+)
 from data_pipeline.loader_state import shuffle_buffer_order
-from data_pipeline.manifest import (DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS, DatasetError,
-                                    file_sha256)
+from data_pipeline.manifest import DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS, DatasetError
 from data_pipeline.shard_format import ShardWriter, read_shard, shard_name
-from mebt.config import ConfigError, UserError, from_dict
+from mebt.config import from_dict
+from mebt.errors import ConfigError, UserError
+from mebt.fsutil import file_sha256
 
 GRID = (2, 4, 4)
 VOCAB = 1000

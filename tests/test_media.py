@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mebt.config import UserError
+from mebt.errors import UserError
 from mebt.media import side_by_side, tile, to_uint8, write_gif, write_mp4, write_video_grid
 
 

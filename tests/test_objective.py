@@ -4,10 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mebt.config import ConfigError
 from mebt.core.model import MeBT
-from mebt.core.objective import (MASK_SCHEDULES, ObjectiveConfig, chunked_masked_loss, clip_length_probs, masked_loss,
-                            param_groups, sample_masks)
+from mebt.core.objective import (
+    MASK_SCHEDULES,
+    ObjectiveConfig,
+    chunked_masked_loss,
+    clip_length_probs,
+    masked_loss,
+    param_groups,
+    sample_masks,
+)
+from mebt.errors import ConfigError
 from tests.conftest import tiny_config
 
 

@@ -13,16 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_pipeline.manifest import DatasetError, merge_manifest
 from benchmarks import preprocess_throughput
+from data_pipeline.manifest import DatasetError, merge_manifest
 from data_pipeline.preprocess import PreprocessConfig, ShardMaker, preprocess
 from data_pipeline.shard_format import read_shard
 from data_pipeline.synthetic_videos import SynthConfig, split_indices, video_id, write_synthetic_dataset
 from data_pipeline.verify import dataset_stats, verify_dataset
 from data_pipeline.video import ClipConfig, iter_clips, list_videos
-from mebt.config import ConfigError, UserError
-from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.errors import ConfigError, UserError
 from mebt.tokenizer.checkpoint import load_tokenizer, save_tokenizer, tokenizer_sha256
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 
 # 8 train videos once the broken one is added (7 synthetic + 1 unreadable), 2 videos per shard: 4 shards.
 # Clips of 4 frames every 4 frames of 8-frame videos: 2 clips per readable video, grids 2 x 4 x 4.
@@ -128,7 +128,7 @@ def test_rerun_rewrites_only_the_missing_shard(data, reference, tmp_path):
     shutil.copytree(reference.out, out)
     (out / "train-000002.tar").unlink()
     # What a killed run leaves: a half-written shard and manifest part under their temporary names.
-    leftovers = [out / "train-000002.tar.tmp99999", out / "manifest-parts" / "train-000002.parquet.tmp99999"]
+    leftovers = [out / ".train-000002.tmp-99999.tar", out / "manifest-parts" / ".train-000002.tmp-99999.parquet"]
     for leftover in leftovers:
         leftover.write_bytes(b"partial")
     kept = {p.name: p.stat().st_mtime_ns for p in shard_paths(out)}

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from mebt.config import UserError
+from mebt.errors import UserError
 from mebt.eval.runs import compare_runs, format_table, list_runs, resolve_tracking_uri
 
 # name -> (optim.lr, train/loss at steps 0, 10, 20, eval/fvd16 {step: value} or None)

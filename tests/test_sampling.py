@@ -5,10 +5,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mebt.config import ConfigError
 from mebt.core.model import MeBT, MeBTConfig, select_rows
-from mebt.core.sampling import (PRESETS, SamplingConfig, maskgit_schedule, num_forward_passes, preset, sample,
-                           sample_logits)
+from mebt.core.sampling import (
+    PRESETS,
+    SamplingConfig,
+    maskgit_schedule,
+    num_forward_passes,
+    preset,
+    sample,
+    sample_logits,
+)
+from mebt.errors import ConfigError
 
 VOCAB = 16
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 import data_pipeline.synthetic_videos as synthetic_videos
-from data_pipeline.synthetic_videos import (SynthConfig, render_video, split_indices, video_id,
-                                          write_synthetic_dataset)
+from data_pipeline.synthetic_videos import SynthConfig, render_video, split_indices, video_id, write_synthetic_dataset
 from data_pipeline.video import read_video
-from mebt.config import ConfigError, UserError
+from mebt.errors import ConfigError, UserError
 
 SMALL = dict(num_videos=5, frames=12, resolution=64, fps=6, test_fraction=0.4)
 
@@ -88,10 +87,10 @@ def test_rerun_skips_complete_files_and_redoes_partial_ones(tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.mp4")}
     # An interrupted run leaves only the temporary file of the video it was encoding.
     (tmp_path / "synth_000002.mp4").unlink()
-    (tmp_path / ".synth_000002.mp4.partial").write_bytes(b"truncated")
+    (tmp_path / ".synth_000002.tmp-99999.mp4").write_bytes(b"truncated")   # written by a killed process
     summary = write_synthetic_dataset(tmp_path, cfg, progress=False)
     assert summary["written"] == 1 and summary["skipped"] == 4
-    assert not (tmp_path / ".synth_000002.mp4.partial").exists()
+    assert not (tmp_path / ".synth_000002.tmp-99999.mp4").exists()
     for name, mtime in mtimes.items():
         if name != "synth_000002.mp4":
             assert (tmp_path / name).stat().st_mtime_ns == mtime, name

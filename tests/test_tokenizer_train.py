@@ -4,11 +4,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data_pipeline.synthetic_videos import SynthConfig, render_video
-from mebt.config import ConfigError
-from mebt.train.tokenizer import (EpochItems, TokenizerLoopConfig, TokenizerLossConfig, TokenizerOptimConfig,
-                                  TokenizerTrainConfig, batch_indices, evaluate, psnr_per_clip, train_tokenizer)
-from mebt.tokenizer.vqgan import VQGANConfig
+from mebt.errors import ConfigError
 from mebt.tokenizer.checkpoint import load_tokenizer
+from mebt.tokenizer.vqgan import VQGANConfig
+from mebt.train.tokenizer import (
+    EpochItems,
+    TokenizerLoopConfig,
+    TokenizerLossConfig,
+    TokenizerOptimConfig,
+    TokenizerTrainConfig,
+    batch_indices,
+    evaluate,
+    psnr_per_clip,
+    train_tokenizer,
+)
 
 
 class SynthClips(Dataset):

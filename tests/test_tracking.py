@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mebt.config import ConfigError
-from mebt.train.tracking import MLflowConfig, Tracker, TrackingWarning
+from mebt.errors import ConfigError
 from mebt.train.distributed import free_port
+from mebt.train.tracking import MLflowConfig, Tracker, TrackingWarning
 from tests.mlflow_fixtures import start_mlflow_server
 
 FAST = dict(flush_every_s=0.2)
@@ -203,7 +203,7 @@ def test_inactive_tracker_does_nothing(tmp_path):
 
 
 def test_system_metrics_are_logged(mlflow_server, tmp_path, monkeypatch):
-    import psutil   # noqa: F401  (deepspeed requires it; mlflow's system metrics need it)
+    import psutil  # noqa: F401  (deepspeed requires it; mlflow's system metrics need it)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", system_metrics=True, **FAST)
     tracker = Tracker(cfg, tmp_path, active=True)

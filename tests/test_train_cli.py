@@ -6,9 +6,9 @@ import torch
 
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig, uses_data_palette
-from mebt.core.model_file import load_model
 from mebt.cli import main
 from mebt.config import load_config
+from mebt.core.model_file import load_model
 from mebt.core.sampling import sample
 from mebt.train.config import RunConfig
 

@@ -6,9 +6,19 @@ import pytest
 import torch
 
 import data_pipeline.video as video_mod
-from data_pipeline.video import (ClipConfig, VideoClipDataset, VideoEntry, VideoReadError, iter_clips, list_videos,
-                                 preprocess_frames, read_clip, read_video, write_video)
-from mebt.config import ConfigError, UserError
+from data_pipeline.video import (
+    ClipConfig,
+    VideoClipDataset,
+    VideoEntry,
+    VideoReadError,
+    iter_clips,
+    list_videos,
+    preprocess_frames,
+    read_clip,
+    read_video,
+)
+from mebt.errors import ConfigError, UserError
+from mebt.media import write_mp4
 
 
 def counting_frames(n: int, size: int = 16) -> np.ndarray:
@@ -31,14 +41,14 @@ def write_png(path, image: np.ndarray) -> None:
 @pytest.fixture
 def video_root(tmp_path):
     """Two good mp4 videos (20 and 12 frames) listed in train.txt."""
-    write_video(tmp_path / "long.mp4", counting_frames(20), fps=10)
-    write_video(tmp_path / "short.mp4", counting_frames(12), fps=10)
+    write_mp4(counting_frames(20), tmp_path / "long.mp4", fps=10)
+    write_mp4(counting_frames(12), tmp_path / "short.mp4", fps=10)
     (tmp_path / "train.txt").write_text("long.mp4\nshort.mp4\n")
     return tmp_path
 
 
 def test_read_video_returns_all_frames_and_fps(tmp_path):
-    write_video(tmp_path / "v.mp4", counting_frames(9, size=24), fps=12)
+    write_mp4(counting_frames(9, size=24), tmp_path / "v.mp4", fps=12)
     frames, fps = read_video(tmp_path / "v.mp4")
     assert frames.shape == (9, 24, 24, 3) and frames.dtype == np.uint8 and fps == 12.0
     assert frame_index(frames).tolist() == list(range(9))
@@ -46,7 +56,7 @@ def test_read_video_returns_all_frames_and_fps(tmp_path):
 
 def test_read_clip_seeks_to_the_exact_frames(tmp_path):
     # Keyframes every 5 frames: starts before, on and after a keyframe all need the seek to land right.
-    write_video(tmp_path / "v.mp4", counting_frames(40), fps=10, keyframe_interval=5)
+    write_mp4(counting_frames(40), tmp_path / "v.mp4", fps=10, keyframe_interval=5)
     for start in (0, 3, 5, 6, 17, 30):
         clip, _ = read_clip(tmp_path / "v.mp4", start, count=4, stride=3)
         assert frame_index(clip).tolist() == list(range(start, start + 12, 3)), start
@@ -81,9 +91,9 @@ def test_frame_folder_dataset_layout(tmp_path):
 
 
 def test_list_videos_without_split_files(tmp_path):
-    write_video(tmp_path / "a.mp4", counting_frames(2), fps=5)
+    write_mp4(counting_frames(2), tmp_path / "a.mp4", fps=5)
     (tmp_path / "sub").mkdir()
-    write_video(tmp_path / "sub" / "b.mp4", counting_frames(2), fps=5)
+    write_mp4(counting_frames(2), tmp_path / "sub" / "b.mp4", fps=5)
     (tmp_path / ".c.mp4.partial").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("not a video")
     assert [e.video_id for e in list_videos(tmp_path, "train")] == ["a", "sub/b"]
@@ -91,7 +101,7 @@ def test_list_videos_without_split_files(tmp_path):
 
 def test_list_videos_split_folders(tmp_path):
     (tmp_path / "train").mkdir()
-    write_video(tmp_path / "train" / "a.mp4", counting_frames(2), fps=5)
+    write_mp4(counting_frames(2), tmp_path / "train" / "a.mp4", fps=5)
     assert [e.video_id for e in list_videos(tmp_path, "train")] == ["train/a"]
     with pytest.raises(UserError, match="no 'test.txt' or 'test/'"):
         list_videos(tmp_path, "test")
@@ -172,7 +182,7 @@ def test_random_starts_are_deterministic(video_root):
 
 def test_bad_videos_are_skipped_counted_and_named(video_root, caplog):
     (video_root / "corrupt.mp4").write_bytes(bytes(range(256)) * 40)
-    write_video(video_root / "tiny.mp4", counting_frames(3), fps=10)
+    write_mp4(counting_frames(3), video_root / "tiny.mp4", fps=10)
     (video_root / "train.txt").write_text("corrupt.mp4\nlong.mp4\ntiny.mp4\nshort.mp4\n")
     cfg = ClipConfig(sequence_length=5, resolution=8, starts="all", all_stride=4)
     with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
@@ -184,7 +194,7 @@ def test_bad_videos_are_skipped_counted_and_named(video_root, caplog):
 
 def test_all_bad_videos_raise(tmp_path):
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video")
-    write_video(tmp_path / "tiny.mp4", counting_frames(2), fps=10)
+    write_mp4(counting_frames(2), tmp_path / "tiny.mp4", fps=10)
     with pytest.raises(UserError, match="none of the 2 videos of split 'train'"):
         VideoClipDataset(tmp_path, "train", ClipConfig(sequence_length=4))
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import mebt.tokenizer.vqgan as vqgan
-from mebt.config import ConfigError
-from mebt.tokenizer.vqgan import Codebook, SamePadConv3d, SamePadConvTranspose3d, VQGAN, VQGANConfig, same_padding
+from mebt.errors import ConfigError
 from mebt.safe_unpickle import RECORDS_PICKLE_MODULE
 from mebt.tokenizer.checkpoint import TokenizerError, load_tokenizer, read_checkpoint, save_tokenizer, tokenizer_sha256
+from mebt.tokenizer.vqgan import VQGAN, Codebook, SamePadConv3d, SamePadConvTranspose3d, VQGANConfig, same_padding
 
 DATA = Path(__file__).parent / "data"
 # Every TATS VQGAN builds pre_vq_conv (encoder width -> embedding_dim, 1x1x1), but the vendored layout files

@@ -27,9 +27,15 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from mebt.core.model_file import (CheckpointError, check_state_dict, expected_shapes, load_user_file,
-                             model_from_state_dict, save_model)
 from mebt.core.model import LAYER_KINDS, MeBTConfig, paper_layer_plan
+from mebt.core.model_file import (
+    CheckpointError,
+    check_state_dict,
+    expected_shapes,
+    load_user_file,
+    model_from_state_dict,
+    save_model,
+)
 from mebt.safe_unpickle import PickledObject, plain
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import re
 
 import torch
 
-from mebt.config import UserError
 from mebt.core.model import MeBTConfig
+from mebt.errors import UserError
 
 
 def block_flops(d: int, n_q: int, n_kv: int) -> int:

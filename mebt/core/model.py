@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 LAYER_KINDS = ("latent_enc", "latent_self", "latent_dec", "lt2l")
 

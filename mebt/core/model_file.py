@@ -8,17 +8,17 @@ run code. Every problem is a single ``CheckpointError`` line that names the file
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
 import pickle
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from mebt.config import ConfigError, UserError, first_line, from_dict, to_dict
+from mebt.config import from_dict, to_dict
 from mebt.core.model import MeBT, MeBTConfig
+from mebt.errors import ConfigError, UserError, first_line
+from mebt.fsutil import atomic_write
 from mebt.safe_unpickle import UnsafePickleError, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,6 @@ _RESERVED = ("format", "model_type", "config", "state_dict")
 
 class CheckpointError(UserError):
     """A model or checkpoint file that cannot be used; the message is one line naming the file and keys."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (shards and tokenizer files are recorded by it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_user_file(path: str | Path, what: str, error: type = None, map_location="cpu", mmap: bool = False):
@@ -122,16 +113,9 @@ def model_from_state_dict(cfg: MeBTConfig, state_dict: Mapping, what: str, hint:
 
 
 def atomic_save(payload, path: str | Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename: a crash leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target, so os.replace is an atomic rename on the same file system.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """``torch.save`` through ``mebt.fsutil.atomic_write``: a crash leaves no partial file."""
+    with atomic_write(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(model: MeBT, path: str | Path, extra: dict | None = None) -> None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 MASK_SCHEDULES = {
     "linear": lambda t: 1.0 - t,

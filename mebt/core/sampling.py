@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 
 @dataclass

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.manifest import atomic_write_bytes
 from mebt.core.model_file import load_model_with_extras
-from mebt.config import ConfigError, UserError, first_line
-from mebt.train.distributed import pick_device
-from mebt.eval.protocols import get_protocol, resolve_counts
-from mebt.eval.i3d_weights import cache_root
-from mebt.media import tile, to_uint8, write_formats
 from mebt.core.sampling import SamplingConfig, sample
+from mebt.errors import ConfigError, UserError, first_line
+from mebt.eval.i3d_weights import cache_root
+from mebt.eval.protocols import get_protocol, resolve_counts
+from mebt.fsutil import atomic_write, write_json
+from mebt.media import tile, to_uint8, write_formats
+from mebt.train.distributed import pick_device
 
 
 @dataclass
@@ -141,9 +141,8 @@ def sample_batches(model, tokenizer, cfg: EvalConfig, out: Path, device) -> None
             if codes is None:
                 codes = sample(model, cfg.sampling, n, generator=generator).view(n, *shape)
             video = to_uint8(tokenizer.decode(codes).float().cpu(), pixels=pixels)
-        tmp = out / f".batch_{j:05d}.tmp.npz"
-        np.savez(tmp, codes=codes.cpu().numpy().astype(np.int16), video=video, pixels=np.array(pixels))
-        tmp.replace(_batch_file(out, j))
+        with atomic_write(_batch_file(out, j)) as tmp:
+            np.savez(tmp, codes=codes.cpu().numpy().astype(np.int16), video=video, pixels=np.array(pixels))
 
 
 def samples_complete(cfg: EvalConfig, out: Path) -> bool:
@@ -191,7 +190,8 @@ def real_clips(cfg: EvalConfig, frames: int, resolution: int, stride: int) -> np
 
 def score(cfg: EvalConfig, samples: Path, i3d, device, info: dict) -> dict:
     """FVD/KVD of every batch's features (``mebt.eval.scoring``) against real clips of the same length."""
-    from mebt.eval.scoring import generated_features, real_features, score as score_features
+    from mebt.eval.scoring import generated_features, real_features
+    from mebt.eval.scoring import score as score_features
 
     files = [_batch_file(samples, j) for j in range(_num_batches(cfg))]
     with np.load(files[0], allow_pickle=False) as first:
@@ -289,7 +289,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     grid = write_grid(cfg, out)
     report["mlflow"] = log_to_mlflow(info, report, grid) if cfg.log_mlflow and report["metrics"] else None
     report.update(complete=True, out_dir=str(out), grid=[str(p) for p in grid])
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    write_json(out / "report.json", report)
     return report
 
 

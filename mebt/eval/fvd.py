@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from mebt.config import UserError
+from mebt.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,18 @@ is split into that many equal consecutive parts, each scored against REAL (mean 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.manifest import atomic_write_bytes
 from data_pipeline.video import VIDEO_EXTENSIONS, read_clip
-from mebt.config import UserError, first_line
-from mebt.eval.protocols import fvd_kvd, get_protocol, record
+from mebt.errors import UserError, first_line
 from mebt.eval.i3d import MIN_FRAMES, preprocess
 from mebt.eval.i3d_weights import load_i3d
+from mebt.eval.protocols import fvd_kvd, get_protocol, record
+from mebt.fsutil import atomic_write, write_json
 
 
 class VideoSetError(UserError):
@@ -117,12 +116,10 @@ def fvd_between(real_dir: str | Path, fake_dir: str | Path, protocol: str = "flo
                                  fake_sizes=sorted({f"{h}x{w}" for _, h, w in fake_shapes}))}
     if features_out:
         folder = Path(features_out)
-        folder.mkdir(parents=True, exist_ok=True)
         for name, feats in (("real", real), ("fake", fake)):
-            tmp = folder / f".{name}.tmp.npy"
-            np.save(tmp, feats.astype(np.float32), allow_pickle=False)
-            tmp.replace(folder / f"{name}.npy")
+            with atomic_write(folder / f"{name}.npy") as tmp:
+                np.save(tmp, feats.astype(np.float32), allow_pickle=False)
         result["features"] = {"real": str(folder / "real.npy"), "fake": str(folder / "fake.npy")}
     if json_path:
-        atomic_write_bytes(Path(json_path), json.dumps(result, indent=2).encode())
+        write_json(json_path, result)
     return result

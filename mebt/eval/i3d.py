@@ -17,15 +17,13 @@ Nothing is downloaded: the standard weights come from an installed package, othe
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mebt.config import UserError
+from mebt.errors import UserError
 
 WEIGHTS_NAME = "i3d_pretrained_400.pt"
 # BatchNorm epsilon per numerics: the same weights give slightly different features under each.

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.manifest import atomic_write_bytes
-from mebt.core.model_file import CheckpointError, atomic_save, check_state_dict, file_sha256, load_tensors_file
+from mebt.core.model_file import CheckpointError, atomic_save, check_state_dict, load_tensors_file
 from mebt.eval.i3d import NUMERICS, WEIGHTS_NAME, InceptionI3d
+from mebt.fsutil import file_sha256, write_json
 from mebt.safe_unpickle import load_numpy_tree
 
 NETWORK = "tfhub-i3d-kinetics-400"
@@ -142,11 +142,11 @@ def standard_i3d_state_dict(cache_dir: str | Path | None = None) -> tuple[dict[s
     atomic_save(state, path)
     record = {"network": NETWORK, "package": PACKAGE, "source": str(source), "source_sha256": source_sha,
               "converted_sha256": file_sha256(path)}
-    atomic_write_bytes(meta_path, json.dumps(record, indent=2).encode())   # written last: marks the entry whole
+    write_json(meta_path, record)   # written last: marks the entry whole
     return state, record
 
 
-def expected_shapes(model: nn.Module, found: dict) -> dict[str, tuple]:
+def expected_shapes(model: torch.nn.Module, found: dict) -> dict[str, tuple]:
     """The model's keys and shapes; ``num_batches_tracked`` only where the file has it (converted files omit it)."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not k.endswith(".num_batches_tracked") or k in found}

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def resolve_counts(protocol: FVDProtocol, **given: Optional[int]) -> dict[str, i
 
 def record(protocol: FVDProtocol, network: dict, **facts) -> dict:
     """The description stored with every number: protocol, arithmetic, network, counts and ``facts``."""
-    from mebt.eval.fvd import KVD_PROTOCOL, PROTOCOLS as ARITHMETIC
+    from mebt.eval.fvd import KVD_PROTOCOL
+    from mebt.eval.fvd import PROTOCOLS as ARITHMETIC
 
     return {**asdict(protocol), **{k: v for k, v in ARITHMETIC[protocol.arithmetic].items() if k != "as_in"},
             "i3d": network, "kvd": KVD_PROTOCOL, **facts}
@@ -86,7 +87,7 @@ def fvd_kvd(real: np.ndarray, fake_runs: list[np.ndarray], protocol: FVDProtocol
     metrics: ``fvd{name}``/``kvd{name}``, the mean over runs, plus ``..._std`` (population standard
     deviation over runs) when there are several; per run: the list of each run's values.
     """
-    from mebt.eval.fvd import fvd, kvd   # torch: imported when numbers are computed, not by `mebt --help`
+    from mebt.eval.fvd import fvd, kvd  # torch: imported when numbers are computed, not by `mebt --help`
 
     values = {f"fvd{name}": [fvd(real, f, protocol=protocol.arithmetic) for f in fake_runs],
               f"kvd{name}": [kvd(real, f) for f in fake_runs]}

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mebt.config import UserError
+from mebt.errors import UserError
 
 KEY_METRICS = ("train/loss", "train/acc1", "eval/fvd16")  # shown by list_runs when a run has them
 LIST_COLUMNS = ["name", "run_id", "experiment", "status", "start", "duration", "last_step", *KEY_METRICS]

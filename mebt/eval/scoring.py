@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.manifest import atomic_write_bytes
 from mebt.eval.fvd import sliding_windows
-from mebt.eval.protocols import fvd_kvd, get_protocol, record
 from mebt.eval.i3d import i3d_features
+from mebt.eval.protocols import fvd_kvd, get_protocol, record
+from mebt.fsutil import atomic_write, write_json
 
 WINDOW, STRIDE = 16, 8
 
@@ -46,10 +46,8 @@ def _digest(key: dict) -> str:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def features_dir(samples: Path, network: dict, frames: int) -> Path:
@@ -96,11 +94,9 @@ def real_features(key: dict, cache_dir: Path, clips, i3d, device, windows: bool 
     if windows:
         videos = sliding_windows(videos, WINDOW, STRIDE)
     features = i3d_features(i3d, torch.from_numpy(videos), device=device, desc="I3D features (real)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, features, allow_pickle=False)
-    tmp.replace(path)
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(key, indent=2).encode())
+    with atomic_write(path) as tmp:
+        np.save(tmp, features, allow_pickle=False)
+    write_json(path.with_suffix(".json"), key)
     return features
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from mebt.core.model_file import CheckpointError, atomic_save, check_state_dict, file_sha256, load_user_file
-from mebt.config import ConfigError, UserError, from_dict, to_dict
+from mebt.config import from_dict, to_dict
+from mebt.core.model_file import CheckpointError, atomic_save, check_state_dict, load_user_file
+from mebt.errors import ConfigError, UserError
+from mebt.fsutil import file_sha256
 from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 
 FORMAT = "mebt-tokenizer-v1"

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mebt.config import ConfigError, check_at_least
+from mebt.config import check_at_least
+from mebt.errors import ConfigError
 
 EMA_DECAY = 0.99
 COMMITMENT = 0.25

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.manifest import atomic_write_bytes
-from mebt.core.model_file import CheckpointError, first_line, model_from_state_dict, save_model
 from mebt.config import from_dict, to_dict
-from mebt.train.distributed import all_gather_object, barrier
 from mebt.core.model import MeBTConfig
+from mebt.core.model_file import CheckpointError, first_line, model_from_state_dict, save_model
+from mebt.fsutil import write_bytes
+from mebt.train.distributed import all_gather_object, barrier
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -57,8 +57,8 @@ def save(engine, run_dir: Path, step: int, loader, generator: torch.Generator, c
     if engine.global_rank == 0:
         meta = {"step": step, "config": to_dict(cfg), "world_size": len(gathered),
                 "mlflow_run_id": client.get("mlflow_run_id")}
-        atomic_write_bytes(ckpt_dir / tag / META, json.dumps(meta, indent=2).encode())
-        atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
+        write_bytes(ckpt_dir / tag / META, json.dumps(meta, indent=2).encode())
+        write_bytes(ckpt_dir / LATEST, tag.encode())
         _prune(ckpt_dir, keep_last, keep=tag)
     barrier()
     return ckpt_dir / tag

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline.loader import LoaderConfig
-from mebt.config import ConfigError, check_at_least
+from mebt.config import check_at_least
 from mebt.core.model import MeBTConfig
 from mebt.core.objective import ObjectiveConfig
 from mebt.core.sampling import SamplingConfig
+from mebt.errors import ConfigError
 from mebt.train.tracking import MLflowConfig
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mebt.config import UserError
+from mebt.errors import UserError
 
 
 @dataclass(frozen=True)

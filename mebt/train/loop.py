@@ -28,15 +28,16 @@ from torch import nn
 from tqdm import tqdm
 
 from data_pipeline.loader import make_loader
-from mebt.train import checkpoint as train_checkpoint
 from mebt.config import flatten, to_dict
-from mebt.train.distributed import any_rank, init_process_group, pick_device, resolve_env
 from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT
 from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
+from mebt.fsutil import seed_everything, write_json, write_text
+from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config, lr_factor
-from mebt.train.tracking import Tracker
+from mebt.train.distributed import any_rank, init_process_group, pick_device, resolve_env
 from mebt.train.samples import SampleWriter
+from mebt.train.tracking import Tracker
 
 REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
 
@@ -97,7 +98,7 @@ class _Records:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
                 if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.path is not None:
@@ -126,7 +127,7 @@ def train(cfg: RunConfig) -> dict:
     init_process_group(device)
     import deepspeed
 
-    torch.manual_seed(tc.seed)   # the same initial weights on every rank
+    seed_everything(tc.seed)   # the same initial weights on every rank
     model = MeBT(cfg.model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -136,7 +137,7 @@ def train(cfg: RunConfig) -> dict:
                                            dist_init_required=False)
     state = TrainState()
     state.masks.manual_seed(tc.seed * 1_000_003 + env.rank)
-    torch.manual_seed(tc.seed + 1 + env.rank)   # dropout differs per rank
+    seed_everything(tc.seed + 1 + env.rank)   # dropout differs per rank
 
     # 3. Resume.
     run_dir = Path(tc.run_dir)
@@ -148,8 +149,8 @@ def train(cfg: RunConfig) -> dict:
     main = env.rank == 0
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_json(run_dir / "deepspeed_config.json", ds_config)
     tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id,
                       params=flatten(to_dict(cfg)), tags={"world_size": env.world_size, "launcher": env.source})
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0

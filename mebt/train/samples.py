@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mebt.config import UserError
-from mebt.media import write_video_grid
 from mebt.core.sampling import sample
+from mebt.errors import UserError
+from mebt.fsutil import atomic_write
+from mebt.media import write_video_grid
 
 
 class SampleWriter:
@@ -44,9 +45,8 @@ class SampleWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         grids = codes.view(-1, *cfg.model.latent_shape).cpu()
         stem = self.dir / f"step_{step:08d}"
-        tmp = stem.with_name(stem.name + ".tmp.npy")
-        np.save(tmp, grids.numpy().astype(np.int16), allow_pickle=False)
-        tmp.replace(stem.with_suffix(".npy"))
+        with atomic_write(stem.with_suffix(".npy")) as tmp:
+            np.save(tmp, grids.numpy().astype(np.int16), allow_pickle=False)
         paths = [stem.with_suffix(".npy")]
         if self.tokenizer is not None:
             video = self.tokenizer.decode(grids.to(self.device))

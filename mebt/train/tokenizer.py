@@ -23,12 +23,14 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from mebt.config import ConfigError, check_at_least, flatten, to_dict
-from mebt.train.distributed import pick_device
-from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from data_pipeline.video import ClipConfig, VideoClipDataset
+from mebt.config import check_at_least, flatten, to_dict
 from mebt.core.model_file import atomic_save
+from mebt.errors import ConfigError
+from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.tokenizer.checkpoint import save_tokenizer
+from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
+from mebt.train.distributed import pick_device
 
 RESUME_FORMAT = "mebt-tokenizer-train-v1"
 
@@ -305,7 +307,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
     check_clip_shape(cfg, first)
     clip_shape = tuple(first.shape[1:])
 
-    torch.manual_seed(tc.seed)
+    seed_everything(tc.seed)
     model = VQGAN(cfg.model).to(device).train()
     discs = build_discriminators(cfg, clip_shape, device)
     oc = cfg.optim
@@ -332,7 +334,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
         step, losses, psnr_start = ckpt["step"], ckpt["losses"], ckpt["psnr_start"]
         print(f"resumed from {last_path} at step {step}")
     else:
-        (run_dir / "tokenizer_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text(run_dir / "tokenizer_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         psnr_start = evaluate(model, eval_loader, device)["psnr"]
 
     def save_resume_state():
@@ -369,7 +371,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
               "eval_clips": len(eval_set), "clip_shape": list(clip_shape), "tokenizer": str(run_dir / "tokenizer.ckpt")}
     save_tokenizer(model, run_dir / "tokenizer.ckpt", extra={"step": step, "psnr": metrics["psnr"],
                                                               "clip_shape": list(clip_shape)})
-    (run_dir / "tokenizer_metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "tokenizer_metrics.json", result)
     print(json.dumps(result, indent=2))
     return {**result, "losses": list(losses)}
 

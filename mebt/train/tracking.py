@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from mebt.config import ConfigError
+from mebt.errors import ConfigError
 
 
 class TrackingWarning(UserWarning):
