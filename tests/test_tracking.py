@@ -1,6 +1,7 @@
 """mebt.train.tracking against a real MLflow server (no mocks): logging, resume, a dying server, the default store."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -214,3 +215,54 @@ def test_system_metrics_are_logged(mlflow_server, tmp_path, monkeypatch):
         time.sleep(0.2)
     tracker.close()
     assert "system/cpu_utilization_percentage" in keys
+
+
+DEAD_SERVER = """
+import json, os, sys, time
+from mebt.errors import UserError
+from mebt.eval.evaluate import log_to_mlflow
+from mebt.eval.runs import list_runs
+from mebt.train.tracking import HTTP_POLICY, mlflow_client
+
+uri, run_dir = sys.argv[1], sys.argv[2]
+start = time.monotonic()
+message = log_to_mlflow({"mlflow_run_id": "0" * 32, "config": {"mlflow": {"tracking_uri": uri}}, "run_dir": run_dir,
+                         "step": 3, "tag": "global_step3"}, {"metrics": {"fvd": 1.0}}, [])
+evaluate_s = time.monotonic() - start
+start = time.monotonic()
+try:
+    list_runs(uri)
+except UserError as e:
+    runs_error = str(e)
+runs_s = time.monotonic() - start
+start = time.monotonic()
+try:
+    mlflow_client(uri).get_run("0" * 32)
+except Exception as e:
+    tracker_error = type(e).__name__
+tracker_s = time.monotonic() - start
+policy = {k: os.environ.get(k) for k in HTTP_POLICY}
+print(json.dumps(dict(message=message, evaluate_s=evaluate_s, runs_error=runs_error, runs_s=runs_s,
+                      tracker_error=tracker_error, tracker_s=tracker_s, policy=policy, expected=HTTP_POLICY)))
+"""
+
+
+def test_every_mlflow_client_gives_up_on_a_dead_server_within_seconds(tmp_path):
+    """The evaluator's logging, `mebt runs` and the tracker's client against a port nobody listens on fail in
+    seconds under the one HTTP policy (mlflow's own defaults retry for minutes). A fresh process without
+    MLFLOW_HTTP_* variables, so that neither the user's settings nor an earlier test's count."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    uri = f"http://127.0.0.1:{free_port()}"
+    try:
+        done = subprocess.run([sys.executable, "-c", DEAD_SERVER, uri, str(tmp_path)], capture_output=True,
+                              text=True, env=env, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("MLflow clients were still retrying a dead server after 180 s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["policy"] == result["expected"]
+    assert result["message"].startswith("MLflow logging failed (") and "\n" not in result["message"]
+    assert result["runs_error"].startswith(f"cannot read MLflow tracking store {uri}")
+    assert result["tracker_error"] == "MlflowException"
+    assert max(result["evaluate_s"], result["runs_s"], result["tracker_s"]) < 10, result

@@ -223,18 +223,18 @@ def write_grid(cfg: EvalConfig, out: Path) -> list[Path]:
 
 def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
     """Metrics into the training run at the checkpoint's step, the grid and the report (protocol, counts,
-    network, per-run values) as artifacts under ``eval/TAG``; never fails the evaluation."""
+    network, per-run values) as artifacts under ``eval/TAG``; never fails the evaluation, and gives up on an
+    unreachable server within seconds (``HTTP_POLICY``)."""
     run_id, config = info.get("mlflow_run_id"), info.get("config") or {}
     if not run_id:
         return "no MLflow run recorded in the checkpoint"
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    from mebt.train.tracking import tracking_uri
+    from mebt.train.tracking import mlflow_client, tracking_uri
 
     uri = tracking_uri((config.get("mlflow") or {}).get("tracking_uri"), info["run_dir"])
     try:
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), now, info["step"])
                                           for k, v in report["metrics"].items()])

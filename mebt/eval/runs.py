@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mebt.errors import UserError
+from mebt.train.tracking import mlflow_client
 
 KEY_METRICS = ("train/loss", "train/acc1", "eval/fvd16")  # shown by list_runs when a run has them
 LIST_COLUMNS = ["name", "run_id", "experiment", "status", "start", "duration", "last_step", *KEY_METRICS]
@@ -52,16 +53,6 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
         if str(db) != ":memory:" and not db.is_file():
             raise UserError(f"no MLflow store at '{db}' (tracking URI {uri}); {_URI_HINT}")
     return uri
-
-
-def _client(uri: str):
-    # A one-shot query should fail in seconds when the server is down, not after mlflow's default
-    # 7 retries with backoff; setdefault so the user's own settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def _one_line(exc: Exception, limit: int = 200) -> str:
@@ -152,7 +143,7 @@ def list_runs(tracking_uri: str | None, experiment: str | None = None, filter: s
               max_runs: int = 100) -> list[dict]:
     """One dict per run (newest first) with the keys of ``LIST_COLUMNS``; print with ``format_table``."""
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
+    client = mlflow_client(uri)
     with _store_errors(uri):
         experiments = _experiments(client, experiment)
         runs = _search(client, experiments, filter, max_runs)
@@ -237,7 +228,7 @@ def compare_runs(tracking_uri: str | None, experiment: str, metrics: Sequence[st
     if not metrics:
         raise UserError("compare needs at least one metric, e.g. train/loss")
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
+    client = mlflow_client(uri)
     histories: dict[str, dict[str, list]] = {}
     with _store_errors(uri):
         found = _search(client, _experiments(client, experiment), filter, max_runs)
