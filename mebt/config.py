@@ -81,8 +81,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys are rejected by name."""
+def _section_default(cls: type, key: str, value: Any) -> Any:
+    """The instance a mapping for field ``key`` of ``cls`` starts from when the field's factory is not just a
+    class (a shared dataclass with other defaults, e.g. the tokenizer's ``optim``); else None."""
+    factory = next(f.default_factory for f in dataclasses.fields(cls) if f.name == key)
+    if not isinstance(value, dict) or factory is dataclasses.MISSING or isinstance(factory, type):
+        return None
+    default = factory()
+    return default if dataclasses.is_dataclass(default) else None
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a (nested) dict, on top of the instance ``base`` if given; unknown keys
+    are rejected by name."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -91,9 +102,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        default = _section_default(cls, key, value)
+        kwargs[key] = (_coerce(value, hints[key], prefix + key) if default is None
+                       else from_dict(type(default), value, f"{prefix}{key}.", default))
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if not prefix or msg.startswith(f"config key '{prefix}") else _prefixed(msg, prefix)) from None

@@ -42,14 +42,3 @@ def test_every_shipped_config_validates():
         if path.name.startswith("tokenizer"):
             continue
         assert load_config(RunConfig, path).model.block_size > 0, path
-
-
-def test_lr_warmup_then_constant_or_cosine():
-    from mebt.train.config import OptimConfig, lr_factor
-
-    constant = lr_factor(OptimConfig(warmup_steps=4), steps=100)
-    assert [constant(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0] and constant(99) == 1.0
-    cosine = lr_factor(OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), steps=110)
-    assert cosine(9) == 1.0 and cosine(10) == pytest.approx(1.0)
-    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
-    assert all(cosine(s) >= cosine(s + 1) for s in range(10, 110))

@@ -7,11 +7,11 @@ from data_pipeline.synthetic_videos import SynthConfig, render_video
 from mebt.errors import ConfigError
 from mebt.tokenizer.checkpoint import load_tokenizer
 from mebt.tokenizer.vqgan import VQGANConfig
+from mebt.train.optim import tokenizer_optim
 from mebt.train.tokenizer import (
     EpochItems,
     TokenizerLoopConfig,
     TokenizerLossConfig,
-    TokenizerOptimConfig,
     TokenizerTrainConfig,
     batch_indices,
     evaluate,
@@ -60,7 +60,7 @@ def tiny_cfg(run_dir, steps=10, **loss) -> TokenizerTrainConfig:
     return TokenizerTrainConfig(
         model=VQGANConfig(n_hiddens=8, num_groups=8, downsample=(2, 4, 4), n_codes=32, embedding_dim=16),
         loss=TokenizerLossConfig(**loss),
-        optim=TokenizerOptimConfig(lr=2e-3, betas=(0.9, 0.99), warmup_steps=2),
+        optim=tokenizer_optim(lr=2e-3, betas=(0.9, 0.99), warmup_steps=2),
         train=TokenizerLoopConfig(steps=steps, batch_size=4, ckpt_every=3, log_every=1, eval_clips=4, seed=3,
                                   device="cpu", run_dir=str(run_dir)))
 
@@ -156,14 +156,3 @@ def test_psnr_is_on_unit_range_pixels_after_clamping():
     recon = torch.stack([torch.full((3, 2, 4, 4), 0.1), torch.full((3, 2, 4, 4), 0.01)])
     assert psnr_per_clip(recon, video).tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
     assert psnr_per_clip(torch.full_like(video, 3.0), video).tolist() == pytest.approx([6.0206] * 2, abs=1e-3)
-
-
-def test_learning_rate_warms_up_then_follows_the_schedule():
-    constant = TokenizerOptimConfig(lr=1.0, warmup_steps=4)
-    assert [constant.lr_at(s, 100) for s in (0, 1, 3, 50, 99)] == pytest.approx([0.25, 0.5, 1.0, 1.0, 1.0])
-    cosine = TokenizerOptimConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.1)
-    assert cosine.lr_at(0, 100) == pytest.approx(1.0, abs=1e-3)
-    assert cosine.lr_at(49, 100) == pytest.approx(0.55)   # halfway: midpoint between lr and the floor
-    assert cosine.lr_at(99, 100) == pytest.approx(0.1)
-    with pytest.raises(ConfigError, match="config key 'min_lr_ratio' must be in \\[0, 1\\]"):
-        TokenizerOptimConfig(min_lr_ratio=2.0)

@@ -7,7 +7,6 @@ a generated one (the typed key wins the argument by refusing the run, naming the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,25 +16,8 @@ from mebt.core.model import MeBTConfig
 from mebt.core.objective import ObjectiveConfig
 from mebt.core.sampling import SamplingConfig
 from mebt.errors import ConfigError
+from mebt.train.optim import OptimConfig
 from mebt.train.tracking import MLflowConfig
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.01           # on Linear weights only (the paper's AdamW groups)
-    grad_clip: float = 1.0               # global norm; 0 disables (DeepSpeed's default changed across versions)
-    warmup_steps: int = 0                # linear warmup from 0
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0            # cosine decays to lr * min_lr_ratio at train.steps
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
-        if self.grad_clip < 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("config keys 'grad_clip' and 'warmup_steps' must be >= 0 and 'min_lr_ratio' in [0, 1]")
 
 
 @dataclass
@@ -111,18 +93,6 @@ def grad_accum(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(f"deepspeed.grad_accum {cfg.deepspeed.grad_accum} contradicts train.global_batch_size "
                           f"{wanted} (= {cfg.data.batch_size} x {world_size} x {wanted // per_step}); set only one")
     return wanted // per_step
-
-
-def lr_factor(cfg: OptimConfig, steps: int):
-    """step -> multiplier of the base lr: linear warmup, then constant or cosine down to min_lr_ratio."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def _merge(base: dict, extra: dict, path: str = "") -> dict:

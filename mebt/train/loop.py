@@ -34,8 +34,9 @@ from mebt.core.model import MeBT
 from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
 from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.train import checkpoint as train_checkpoint
-from mebt.train.config import RunConfig, deepspeed_config, lr_factor
+from mebt.train.config import RunConfig, deepspeed_config
 from mebt.train.distributed import any_rank, init_process_group, pick_device, resolve_env
+from mebt.train.optim import lr_scheduler
 from mebt.train.samples import SampleWriter
 from mebt.train.tracking import Tracker
 
@@ -129,9 +130,8 @@ def train(cfg: RunConfig) -> dict:
 
     seed_everything(tc.seed)   # the same initial weights on every rank
     model = MeBT(cfg.model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, tc.steps))
+    optimizer = cfg.optim.adamw(param_groups(model, cfg.optim.weight_decay))
+    scheduler = lr_scheduler(cfg.optim, optimizer, tc.steps)
     engine, _, _, _ = deepspeed.initialize(model=MeBTLoss(model, cfg.objective).to(device),
                                            optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            dist_init_required=False)

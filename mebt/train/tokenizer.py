@@ -10,7 +10,6 @@ every ``ckpt_every`` steps; starting the same run again continues exactly where 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.tokenizer.checkpoint import save_tokenizer
 from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from mebt.train.distributed import pick_device
+from mebt.train.optim import OptimConfig, tokenizer_optim
 
 RESUME_FORMAT = "mebt-tokenizer-train-v1"
 
@@ -55,35 +55,6 @@ class TokenizerLossConfig:
 
 
 @dataclass
-class TokenizerOptimConfig:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.5, 0.9)   # TATS's Adam betas, for generator and discriminators
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"   # TATS: constant; cosine decays to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0                    # 0 = no clipping
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
-        check_at_least(self, ("weight_decay", "warmup_steps", "grad_clip"), 0)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
-
-    def adamw(self, params) -> torch.optim.AdamW:
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-
-    def lr_at(self, step: int, total: int) -> float:
-        """Learning rate of 0-based ``step``: linear warmup, then constant or cosine down to the floor at ``total``."""
-        warm = min(1.0, (step + 1) / max(self.warmup_steps, 1))
-        if self.schedule == "constant":
-            return self.lr * warm
-        progress = min(1.0, (step + 1) / total)
-        return self.lr * warm * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass
 class TokenizerLoopConfig:
     steps: int = 2000
     batch_size: int = 8
@@ -105,7 +76,7 @@ class TokenizerLoopConfig:
 class TokenizerTrainConfig:
     model: VQGANConfig = field(default_factory=VQGANConfig)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
-    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    optim: OptimConfig = field(default_factory=tokenizer_optim)   # MeBT's optim section, TATS's Adam defaults
     train: TokenizerLoopConfig = field(default_factory=TokenizerLoopConfig)
 
 
