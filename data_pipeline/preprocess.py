@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -51,10 +52,13 @@ from data_pipeline.shard_format import ShardWriter, shard_name
 from data_pipeline.video import ClipConfig, VideoEntry, iter_clips, list_videos
 from mebt.errors import ConfigError, UserError
 from mebt.fsutil import leftovers
+from mebt.logs import ensure_logging
 from mebt.tokenizer.checkpoint import load_tokenizer, tokenizer_sha256
 
 # The prefix names files and starts every sample key, which WebDataset splits at the first dot.
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+log = logging.getLogger(__name__)
 
 
 class PreprocessError(UserError):
@@ -254,6 +258,7 @@ _MAKER: ShardMaker | None = None
 
 def _init_worker(cfg: PreprocessConfig, settings: dict, progress, threads: int) -> None:
     global _MAKER
+    ensure_logging()   # a spawned process: the parent's level comes with the environment
     torch.set_num_threads(threads)
     _MAKER = ShardMaker(cfg, settings, load_tokenizer(cfg.tokenizer), progress.put)
 
@@ -318,6 +323,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     done = finished_shards(out_dir, [shard_name(cfg.prefix, i) for i in mine])
     per = cfg.videos_per_shard
     jobs = [(i, job_plan.entries[i * per:(i + 1) * per]) for i in mine if shard_name(cfg.prefix, i) not in done]
+    log.info(f"task {cfg.task_index}/{cfg.num_tasks}: {len(jobs)} of its {len(mine)} shards to make ({len(done)} "
+             f"finished before), {job_plan.settings['num_videos']} videos in {num_shards} shards in all -> {out_dir}")
     with tqdm(desc=f"task {cfg.task_index}/{cfg.num_tasks}: {len(jobs)} shards", unit="clip",
               disable=not cfg.progress) as bar:
         if cfg.workers > 1 and len(jobs) > 1:
@@ -328,6 +335,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             results = [maker.make(*job) for job in jobs]
     all_shards = [shard_name(cfg.prefix, i) for i in range(num_shards)]
     merged = merge_manifest(out_dir) if len(finished_shards(out_dir, all_shards)) == len(all_shards) else None
+    if merged is not None:
+        log.info(f"every shard is finished: merged the manifest of {out_dir}")
     seconds = time.perf_counter() - start_time
     clips = sum(r["clips"] for r in results)
     return {"task_index": cfg.task_index, "num_tasks": cfg.num_tasks, "shards_total": num_shards,

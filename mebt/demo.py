@@ -19,6 +19,7 @@ The defaults are sized for a 2-core CPU; ``quick`` shrinks every budget for test
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -30,12 +31,15 @@ import torch
 from mebt.config import load_config
 from mebt.errors import UserError
 from mebt.fsutil import write_json, write_text
+from mebt.logs import ensure_logging
 
 # MaskGIT + revision settings for the demo's samples (logged with the run; `mebt eval` takes the same as
 # overrides). A small model committing codes in confidence order fills whole clips with the background
 # code; a high choice temperature (a more random order) and revision rounds keep 0 of 128 samples empty.
 SAMPLING = {"steps": 64, "ctemp": 12.0, "n_revise": 4, "revise_rounds": 4, "revise_temperature": 0.8}
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "samples", "eval")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,9 +88,9 @@ class Demo:
         """Run a stage unless an earlier run finished it; record its result and wall time."""
         done = self.record.setdefault("stages", {})
         if name in done:
-            print(f"[{name}] done before ({done[name]['seconds']:.0f} s), reusing it")
+            log.info(f"[{name}] done before ({done[name]['seconds']:.0f} s), reusing it")
             return done[name]
-        print(f"[{name}] ...")
+        log.info(f"[{name}] ...")
         start = time.perf_counter()
         result = run()
         done[name] = {**result, "seconds": round(time.perf_counter() - start, 1)}
@@ -276,6 +280,7 @@ class Demo:
         return result
 
     def run(self) -> dict:
+        ensure_logging()   # the stage messages are log records
         self.out.mkdir(parents=True, exist_ok=True)
         self.stage("videos", self.videos)
         tok = self.stage("tokenizer", self.tokenizer)

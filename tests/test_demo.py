@@ -59,13 +59,13 @@ def test_quick_demo_makes_every_artifact_and_resumes(tmp_path):
     i3d = fake_i3d(tmp_path / "i3d.pt")
     second = demo("--quick", "--out", out, "--i3d", i3d, cwd=tmp_path, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done before") == 6 and "[eval] ..." in second.stdout
+    assert second.stderr.count("done before") == 6 and "[eval] ..." in second.stderr   # log records
     evaluation = json.loads((out / "demo.json").read_text())["stages"]["eval"]
     assert evaluation["i3d"] == str(i3d) and evaluation["i3d_network"]["network"].startswith("sha256:")
     assert all(math.isfinite(evaluation["metrics"][k]) for k in fvd_keys)
     assert evaluation["metrics"]["fvd"] != metrics["fvd"]   # another network, other numbers
 
     third = demo("--quick", "--out", out, "--i3d", i3d, cwd=tmp_path, timeout=300)
-    assert third.returncode == 0 and third.stdout.count("done before") == 7, third.stderr[-3000:]
+    assert third.returncode == 0 and third.stderr.count("done before") == 7, third.stderr[-3000:]
     other = demo("--out", out, cwd=tmp_path, timeout=300)
     assert other.returncode == 2 and "other settings" in other.stderr.strip().splitlines()[-1]

@@ -193,7 +193,7 @@ def test_runs_under_the_deepspeed_launcher(codes_dir, tmp_path):
                            "mebt.cli", "train", *overrides(codes_dir, run_dir, **{"train.steps": 4})],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "2 process(es) (env)" in done.stdout
+    assert "2 process(es) (env)" in done.stderr
     assert [len(trace(run_dir, rank)) for rank in (0, 1)] == [4, 4]
 
 
@@ -268,7 +268,7 @@ def test_launch_local_runs_n_processes_and_passes_the_requeue_code_on(codes_dir,
     done = subprocess.run([*launch, *overrides(codes_dir, run_dir, **{"train.steps": 4})], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es) (env)" in done.stdout and [len(trace(run_dir, r)) for r in (0, 1)] == [4, 4]
+    assert "2 process(es) (env)" in done.stderr and [len(trace(run_dir, r)) for r in (0, 1)] == [4, 4]
     # A signal to the launcher reaches both processes; they checkpoint and the launcher exits with 75.
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen([*launch, *overrides(codes_dir, stopped, **{"train.ckpt_every": 1000})],

@@ -2,7 +2,7 @@
 
 Layers, top to bottom: the app (`mebt.cli`, `mebt.demo`) -> `launchers` -> `mebt.eval` -> `mebt.train` ->
 `data_pipeline` -> `mebt.tokenizer` -> `mebt.core` -> the foundation (`mebt.config`, `mebt.errors`,
-`mebt.fsutil`, `mebt.media`, `mebt.safe_unpickle`). Every import is checked, including the ones inside
+`mebt.fsutil`, `mebt.logs`, `mebt.media`, `mebt.safe_unpickle`). Every import is checked, including the ones inside
 functions (a lazy import that runs up a layer is still an arrow the wrong way).
 """
 import ast
@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mebt", "data_pipeline", "launchers")
 LAYERS = [   # (layer, module prefixes), bottom first
-    ("foundation", ("mebt", "mebt.config", "mebt.errors", "mebt.fsutil", "mebt.media", "mebt.safe_unpickle")),
+    ("foundation", ("mebt", "mebt.config", "mebt.errors", "mebt.fsutil", "mebt.logs", "mebt.media",
+                    "mebt.safe_unpickle")),
     ("core", ("mebt.core",)),
     ("tokenizer", ("mebt.tokenizer",)),
     ("data", ("data_pipeline",)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from mebt.eval.protocols import get_protocol, resolve_counts
 from mebt.fsutil import atomic_write, write_json
 from mebt.media import tile, to_uint8, write_formats
 from mebt.train.distributed import pick_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -267,6 +270,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         i3d = load_i3d(cfg.i3d, numerics=get_protocol(cfg.protocol).i3d_numerics).to(device)
     out = eval_dir(cfg, info)
+    log.info(f"evaluating {cfg.checkpoint} (step {info['step']}): {cfg.total_samples} samples in "
+             f"{_num_batches(cfg)} batches ({len(_batches(cfg))} in this shard) -> {out}")
     start = time.perf_counter()
     sample_batches(model, tokenizer, cfg, out / "samples", device)
     if i3d is not None:   # this process's share of the I3D work, next to its batches
@@ -288,6 +293,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["note"] = "FVD/KVD skipped: no real videos given (--real-dir)"
     grid = write_grid(cfg, out)
     report["mlflow"] = log_to_mlflow(info, report, grid) if cfg.log_mlflow and report["metrics"] else None
+    if report["mlflow"]:
+        log.warning(f"metrics not logged to MLflow: {report['mlflow']}")
     report.update(complete=True, out_dir=str(out), grid=[str(p) for p in grid])
     write_json(out / "report.json", report)
     return report
@@ -347,7 +354,7 @@ def watch(run_dir: str | Path, make_config, poll_s: float = 30.0, max_evals: int
                 try:
                     reports.append(evaluate(cfg))
                 except CheckpointError as e:
-                    print(f"mebt eval: skipped {tag.name}: {e}")
+                    log.warning(f"skipped {tag.name}: {e}")
                 if stop or (max_evals and len(reports) >= max_evals):
                     return reports
             deadline = time.monotonic() + poll_s

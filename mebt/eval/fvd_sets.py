@@ -8,6 +8,7 @@ is split into that many equal consecutive parts, each scored against REAL (mean 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from mebt.eval.i3d import MIN_FRAMES, preprocess
 from mebt.eval.i3d_weights import load_i3d
 from mebt.eval.protocols import fvd_kvd, get_protocol, record
 from mebt.fsutil import atomic_write, write_json
+
+
+log = logging.getLogger(__name__)
 
 
 class VideoSetError(UserError):
@@ -100,6 +104,8 @@ def fvd_between(real_dir: str | Path, fake_dir: str | Path, protocol: str = "flo
     if frames is not None and frames < MIN_FRAMES:
         raise VideoSetError(f"--frames {frames} is too few: I3D needs at least {MIN_FRAMES}")
     network = load_i3d(i3d, numerics=proto.i3d_numerics).to(device)
+    log.info(f"FVD/KVD ({protocol} protocol) of {len(fake_files)} FAKE videos in {runs} run(s) against "
+             f"{len(real_files)} REAL videos, I3D {network.network['network']}")
     real, real_shapes = set_features(real_files, frames, network, device, "I3D features (real)", batch_size)
     fake, fake_shapes = set_features(fake_files, frames, network, device, "I3D features (fake)", batch_size)
     length = real_shapes[0][0] if frames is None else frames

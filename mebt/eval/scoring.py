@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from mebt.eval.protocols import fvd_kvd, get_protocol, record
 from mebt.fsutil import atomic_write, write_json
 
 WINDOW, STRIDE = 16, 8
+
+log = logging.getLogger(__name__)
 
 
 def window_starts(frames: int) -> list[int]:
@@ -89,8 +92,10 @@ def real_features(key: dict, cache_dir: Path, clips, i3d, device, windows: bool 
     key = {**key, "windows": windows, "i3d": i3d.network}
     path = Path(cache_dir) / f"{_digest(key)}.npy"
     if path.exists():
+        log.info(f"real features from the cache: {path}")
         return np.load(path, allow_pickle=False)
     videos = clips()
+    log.info(f"real features of {len(videos)} clips{' (sliding windows)' if windows else ''} -> {path}")
     if windows:
         videos = sliding_windows(videos, WINDOW, STRIDE)
     features = i3d_features(i3d, torch.from_numpy(videos), device=device, desc="I3D features (real)")

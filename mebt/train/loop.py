@@ -14,6 +14,7 @@ on it at the next step boundary, checkpoint, and ``train`` returns ``preempted``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import signal
@@ -33,6 +34,7 @@ from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT
 from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
 from mebt.fsutil import seed_everything, write_json, write_text
+from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config
 from mebt.train.distributed import any_rank, init_process_group, pick_device, resolve_env
@@ -41,6 +43,8 @@ from mebt.train.samples import SampleWriter
 from mebt.train.tracking import Tracker
 
 REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
+
+log = logging.getLogger(__name__)
 
 
 class MeBTLoss(nn.Module):
@@ -111,6 +115,7 @@ def train(cfg: RunConfig) -> dict:
     tc = cfg.train
     # 1. Everything that can be wrong is checked before a process group or a file exists.
     env = resolve_env()
+    ensure_logging(env.rank)   # launcher workers and SLURM tasks start here, not in the CLI
     device = pick_device(tc.device, env.local_rank)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
     loader = make_loader(cfg.data, env.rank, env.world_size, expect_grid=tuple(cfg.model.latent_shape),
@@ -157,10 +162,10 @@ def train(cfg: RunConfig) -> dict:
         tracker.log_artifact(run_dir / name)
     trace = _Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace)
     history = _Records(run_dir / "metrics.jsonl", state.step, main)
-    if main:
-        print(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
-              f"{device.type}, ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, "
-              f"{ds_config['train_batch_size']} clips/step" + (f", resumed at step {state.step}" if client else ""))
+    log.info(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
+             f"{device.type}, ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, "
+             f"{ds_config['train_batch_size']} clips/step" + (f", resumed at step {state.step}" if client else ""))
+    log.debug(f"rank {env.rank} of {env.world_size} (local {env.local_rank}) on {device}, run dir {run_dir}")
 
     # 4. The loop: one iteration is one optimizer step of grad_accum micro-batches.
     accum = ds_config["gradient_accumulation_steps"]
@@ -217,6 +222,9 @@ def train(cfg: RunConfig) -> dict:
             history.write(record)
             tracker.log_metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, state.step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
+            log.info(f"step {state.step}/{tc.steps}: loss {record['loss']:.4f}, acc1 {record['acc1']:.4f}, "
+                     f"lr {record['lr']:.3g}, {record['samples_per_s']:.1f} clips/s, "
+                     f"{record['step_time_s']:.3f} s/step" + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
             window = dict.fromkeys(window, 0.0)
             window["steps"] = 0
             window_start = time.perf_counter()
@@ -230,6 +238,7 @@ def train(cfg: RunConfig) -> dict:
                                   {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
         if requested:
             preempted = stop.signal or "peer"
+            log.info(f"stopped by {preempted} at step {state.step}, after its checkpoint")
             break
     bar.close()
     stop.restore()

@@ -10,6 +10,7 @@ every ``ckpt_every`` steps; starting the same run again continues exactly where 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,15 @@ from mebt.config import check_at_least, flatten, to_dict
 from mebt.core.model_file import atomic_save
 from mebt.errors import ConfigError
 from mebt.fsutil import seed_everything, write_json, write_text
+from mebt.logs import ensure_logging
 from mebt.tokenizer.checkpoint import save_tokenizer
 from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from mebt.train.distributed import pick_device
 from mebt.train.optim import OptimConfig, tokenizer_optim
 
 RESUME_FORMAT = "mebt-tokenizer-train-v1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -269,6 +273,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
     are then not trained on. Writes ``run_dir/tokenizer.ckpt`` (loadable by ``load_tokenizer``) and
     ``run_dir/tokenizer_metrics.json``; returns the metrics (with the per-step loss history).
     """
+    ensure_logging()
     tc = cfg.train
     device = pick_device(tc.device)
     run_dir = Path(tc.run_dir)
@@ -303,7 +308,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
         if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step, losses, psnr_start = ckpt["step"], ckpt["losses"], ckpt["psnr_start"]
-        print(f"resumed from {last_path} at step {step}")
+        log.info(f"resumed from {last_path} at step {step}")
     else:
         write_text(run_dir / "tokenizer_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         psnr_start = evaluate(model, eval_loader, device)["psnr"]
@@ -315,9 +320,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
                      "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "losses": losses, "psnr_start": psnr_start,
                      "config": to_dict(cfg)}, last_path)
 
-    print(f"VQGAN {model.num_params() / 1e6:.2f}M params on {device}, clips {list(clip_shape)} -> codes "
-          f"{list(model.latent_shape(*clip_shape))} of {cfg.model.n_codes}, {len(train_set)} training clips, "
-          f"held-out PSNR {psnr_start:.2f} dB at start")
+    log.info(f"VQGAN {model.num_params() / 1e6:.2f}M params on {device}, clips {list(clip_shape)} -> codes "
+             f"{list(model.latent_shape(*clip_shape))} of {cfg.model.n_codes}, {len(train_set)} training clips, "
+             f"held-out PSNR {psnr_start:.2f} dB at start")
     # Own generator: the DataLoader must not draw from the global RNG, or a resumed run would diverge.
     batches = StepBatches(len(train_set), tc.batch_size, tc.seed, step, tc.steps)
     loader = DataLoader(EpochItems(train_set), batch_sampler=batches, num_workers=tc.num_workers,
@@ -331,7 +336,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: D
         if step % tc.log_every == 0:
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
         if tc.eval_every and step % tc.eval_every == 0:
-            bar.write(f"step {step}: held-out PSNR {evaluate(model, eval_loader, device)['psnr']:.2f} dB")
+            log.info(f"step {step}: held-out PSNR {evaluate(model, eval_loader, device)['psnr']:.2f} dB")
         if step % tc.ckpt_every == 0 or step == tc.steps:
             save_resume_state()
     bar.close()
