@@ -41,6 +41,7 @@ import torch
 
 from data_pipeline.manifest import MANIFEST, SAMPLE_SCHEMA, DatasetError, load_tables
 from data_pipeline.shard_format import CODES_EXT
+from mebt.config import refuse_changed_settings
 from mebt.errors import ConfigError
 
 STATE_VERSION = 1
@@ -276,14 +277,10 @@ def check_state(state: dict, plan: EpochPlan, rank: int) -> tuple[int, int]:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ConfigError(f"loader state is not a version-{STATE_VERSION} loader state_dict(); "
                           "pass what ShardLoader.state_dict() returned")
-    saved = state.get("plan", {})
-    current = dataclasses.asdict(plan)
-    changed = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
-    if state.get("rank") != rank:
-        changed.insert(0, f"rank: saved {state.get('rank')!r}, now {rank}")
-    if changed:
-        raise ConfigError("cannot resume the data loader exactly, its settings changed (" + "; ".join(changed)
-                          + "); resume with the same dataset, world size, num_workers and loader config")
+    refuse_changed_settings("cannot resume the data loader exactly, its settings changed",
+                            {"rank": state.get("rank"), **state.get("plan", {})},
+                            {"rank": rank, **dataclasses.asdict(plan)},
+                            "resume with the same dataset, world size, num_workers and loader config")
     if state.get("stream_seeds") != [plan.stream_seed(rank, s) for s in range(plan.num_streams)]:
         raise ConfigError("cannot resume the data loader exactly: its stream seeds were derived differently "
                           "(saved by another version of data_pipeline.loader)")

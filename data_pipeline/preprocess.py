@@ -50,6 +50,7 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.shard_format import ShardWriter, shard_name
 from data_pipeline.video import ClipConfig, VideoEntry, iter_clips, list_videos
+from mebt.config import refuse_changed_settings
 from mebt.errors import ConfigError, UserError
 from mebt.fsutil import leftovers
 from mebt.logs import ensure_logging
@@ -155,28 +156,12 @@ def plan(cfg: PreprocessConfig, model) -> Plan:
     return Plan(entries, json.loads(json.dumps(settings)))   # JSON round trip: compares equal to a reread file
 
 
-def _short(value) -> str:
-    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else json.dumps(value)
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key, value in new.items():
-        before = old.get(key)
-        if isinstance(value, dict) and isinstance(before, dict):
-            diffs += _differences(before, value, f"{prefix}{key}.")
-        elif before != value:
-            diffs.append(f"{prefix}{key} (existing {_short(before)}, now {_short(value)})")
-    return diffs
-
-
 def prepare_out_dir(out_dir: Path, settings: dict, informational: dict) -> None:
     """Record the settings in dataset.json, or refuse an output dir made with other settings."""
     if (out_dir / DATASET_JSON).exists():
-        diffs = _differences(read_dataset_json(out_dir), settings)
-        if diffs:
-            raise DatasetError(f"output dir '{out_dir}' holds a dataset made with different settings: "
-                               f"{', '.join(diffs)}; use another output dir or the same settings")
+        refuse_changed_settings(f"output dir '{out_dir}' holds a dataset made with different settings",
+                                read_dataset_json(out_dir), settings, "use another output dir or the same settings",
+                                DatasetError)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     # Concurrent tasks may race here; they all write the same content atomically.

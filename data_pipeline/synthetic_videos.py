@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mebt.config import refuse_changed_settings
 from mebt.errors import ConfigError, UserError
 from mebt.fsutil import leftovers, write_bytes
 from mebt.media import write_mp4
@@ -166,10 +167,8 @@ def _check_resumable(out_dir: Path, cfg: SynthConfig) -> None:
         old = json.loads(meta_path.read_text())["config"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"'{meta_path}' is not a synthetic data set description; use an empty output folder") from None
-    changed = [k for k in RENDER_FIELDS if old.get(k) != getattr(cfg, k)]
-    if changed:
-        diffs = ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UserError(f"'{out_dir}' holds synthetic videos of another config ({diffs}); use a new output folder")
+    refuse_changed_settings(f"'{out_dir}' holds synthetic videos of another config", old,
+                            {k: getattr(cfg, k) for k in RENDER_FIELDS}, "use a new output folder", UserError)
 
 
 def write_synthetic_dataset(out_dir, cfg: SynthConfig, progress: bool = True) -> dict:

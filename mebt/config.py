@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -137,6 +138,45 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _plain(value: Any) -> Any:
+    # As a JSON or YAML file gives it back: a saved [2, 4] equals the current (2, 4).
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value in one line of an error: JSON (newlines escaped), sha256 digests and long values cut short."""
+    if isinstance(value, str) and len(value) == 64:
+        return f"{value[:12]}..."
+    text = json.dumps(_plain(value), default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``'key (saved X, now Y)'`` for each key of ``new`` whose value is not the one in the saved ``old``;
+    nested mappings give dotted keys. Only the keys of ``new`` count: ``old`` may hold more (counts, notes),
+    and a key it lacks was None."""
+    diffs = []
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            diffs += settings_differences(before, value, f"{prefix}{key}.")
+        elif _plain(before) != _plain(value):
+            diffs.append(f"{prefix}{key} (saved {_shown(before)}, now {_shown(value)})")
+    return diffs
+
+
+def refuse_changed_settings(what: str, old: dict, new: dict, fix: str, error: type[Exception] = ConfigError) -> None:
+    """The one check of work saved with some settings (an output folder, a checkpoint, a loader state) against
+    the current ones: raises ``error("WHAT: a (saved 1, now 2), b.c (saved x, now y); FIX")`` if any differ."""
+    diffs = settings_differences(old, new)
+    if diffs:
+        raise error(f"{what}: {', '.join(diffs)}; {fix}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mebt.config import load_config
+from mebt.config import load_config, refuse_changed_settings
 from mebt.errors import UserError
 from mebt.fsutil import write_json, write_text
 from mebt.logs import ensure_logging
@@ -76,9 +76,9 @@ class Demo:
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
         # The I3D weights only matter to the eval stage: giving them later re-runs just that stage.
         settings = {k: v for k, v in asdict(cfg).items() if k != "i3d"}
-        if {k: v for k, v in self.record.get("config", settings).items() if k != "i3d"} != settings:
-            raise UserError(f"'{self.out}' holds a demo made with other settings; use another --out or the same "
-                            "settings")
+        refuse_changed_settings(f"'{self.out}' holds a demo made with other settings",
+                                self.record.get("config", settings), settings,
+                                "use another --out or the same settings", UserError)
         evaluation = self.record.get("stages", {}).get("eval")
         if evaluation and (evaluation.get("i3d") != cfg.i3d or "i3d_network" not in evaluation):
             del self.record["stages"]["eval"]   # other I3D weights, or made before the demo scored FVD

@@ -3,9 +3,17 @@ from typing import Literal, Optional
 
 import pytest
 
-from mebt.config import apply_overrides, flatten, from_dict, load_config, to_dict
+from mebt.config import (
+    apply_overrides,
+    flatten,
+    from_dict,
+    load_config,
+    refuse_changed_settings,
+    settings_differences,
+    to_dict,
+)
 from mebt.core.model import MeBTConfig
-from mebt.errors import ConfigError
+from mebt.errors import ConfigError, UserError
 
 
 @dataclass
@@ -75,3 +83,25 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 def test_override_parsing_keeps_strings_and_nested_creation():
     data = apply_overrides({"a": {"b": 1}}, ["a.c=hello", "d.e.f=[1, 2]"])
     assert data == {"a": {"b": 1, "c": "hello"}, "d": {"e": {"f": [1, 2]}}}
+
+
+def test_saved_settings_differences_are_one_line():
+    digest = "ab" * 32
+    saved = {"grid": [2, 4, 4], "clip": {"resolution": 16, "stride": 1}, "sha": digest, "count": 7, "note": "x"}
+    # As read back from JSON: lists equal tuples; keys only the saved side has (counts, notes) do not count.
+    assert settings_differences(saved, {"grid": (2, 4, 4), "clip": {"resolution": 16}, "sha": digest}) == []
+    now = {"grid": (2, 8, 8), "clip": {"resolution": 32, "stride": 1}, "sha": "cd" * 32, "path": "a\nb",
+           "long": "y" * 300}
+    assert settings_differences(saved, now)[:4] == [
+        "grid (saved [2, 4, 4], now [2, 8, 8])", "clip.resolution (saved 16, now 32)",
+        "sha (saved abababababab..., now cdcdcdcdcdcd...)", 'path (saved null, now "a\\nb")']
+    with pytest.raises(UserError) as caught:
+        refuse_changed_settings("'out' holds videos of another config", saved, now, "use a new output folder",
+                                UserError)
+    message = str(caught.value)
+    assert type(caught.value) is UserError and "\n" not in message and len(message) < 600
+    assert message.startswith("'out' holds videos of another config: grid (saved [2, 4, 4], now [2, 8, 8]), clip.res")
+    assert message.endswith(f'long (saved null, now "{"y" * 116}...); use a new output folder')
+    with pytest.raises(ConfigError, match=r"^x changed: a \(saved 1, now 2\); fix it$"):
+        refuse_changed_settings("x changed", {"a": 1}, {"a": 2}, "fix it")
+    refuse_changed_settings("x changed", {"a": [1], "b": 2}, {"a": (1,)}, "fix it")   # nothing differs: no error

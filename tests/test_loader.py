@@ -199,10 +199,10 @@ def test_resume_rejects_other_settings(tmp_path):
     root = build_dataset(tmp_path / "ds", [8, 8])
     other = build_dataset(tmp_path / "other", [8, 8], prefix="more")   # the same counts in other shards
     state = make_loader(config(root), 0, 2).state_dict()
-    for cfg, rank, world, text in ((config(root), 0, 1, "world_size: saved 2, now 1"),
-                                   (config(other), 0, 2, r"settings changed \(dataset: saved"),
+    for cfg, rank, world, text in ((config(root), 0, 1, r"settings changed: world_size \(saved 2, now 1\); resume"),
+                                   (config(other), 0, 2, r"settings changed: dataset \(saved"),
                                    (config(root, num_workers=2), 0, 2, "num_streams"),
-                                   (config(root), 1, 2, "rank: saved 0, now 1")):
+                                   (config(root), 1, 2, r"settings changed: rank \(saved 0, now 1\); resume")):
         with pytest.raises(ConfigError, match=text):
             make_loader(cfg, rank, world).load_state_dict(state)
     with pytest.raises(ConfigError, match="stream seeds"):

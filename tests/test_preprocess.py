@@ -215,11 +215,11 @@ BAD_INPUTS = {
     "sequence length": (lambda r, t: {"clip": ClipConfig(sequence_length=3, resolution=16)},
                         r"clip sequence length 3 is not divisible by the tokenizer's temporal downsampling 2"),
     "other tokenizer": (lambda r, t: {"out_dir": str(_existing_dataset(r, t)), "tokenizer": str(_other_tokenizer(t))},
-                        r"holds a dataset made with different settings: tokenizer_sha256 \(existing \w+\.\.\., now \w+"),
+                        r"holds a dataset made with different settings: tokenizer_sha256 \(saved \w+\.\.\., now \w+"),
     "other clip settings": (lambda r, t: {"out_dir": str(_existing_dataset(r, t)),
                                           "clip": dataclasses.replace(CLIP, resolution=32)},
-                            r"different settings: grid \(existing \[2, 4, 4\], now \[2, 8, 8\]\), "
-                            r"clip.resolution \(existing 16, now 32\)"),
+                            r"different settings: grid \(saved \[2, 4, 4\], now \[2, 8, 8\]\), "
+                            r"clip.resolution \(saved 16, now 32\); use another output dir or the same settings$"),
 }
 
 
@@ -254,6 +254,6 @@ def test_resume_refuses_a_changed_video_list(data, reference, tmp_path):
     (videos / "train.txt").write_text("".join(line + "\n" for line in (videos / "train.txt").read_text().split()[:-1]))
     out = tmp_path / "codes"
     shutil.copytree(reference.out, out)
-    with pytest.raises(DatasetError, match=r"num_videos \(existing 8, now 7\), videos_sha256 \(existing \w+\.\.\."):
+    with pytest.raises(DatasetError, match=r"num_videos \(saved 8, now 7\), videos_sha256 \(saved \w+\.\.\."):
         preprocess(make_config(data, out, input_dir=str(videos)))
     assert os.listdir(out) == os.listdir(reference.out)

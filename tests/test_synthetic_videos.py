@@ -100,7 +100,7 @@ def test_rerun_skips_complete_files_and_redoes_partial_ones(tmp_path):
 
 def test_rerun_with_another_render_config_is_refused(tmp_path):
     write_synthetic_dataset(tmp_path, SynthConfig(**SMALL), progress=False)
-    with pytest.raises(UserError, match="seed 0 -> 1"):
+    with pytest.raises(UserError, match=r"seed \(saved 0, now 1\)"):
         write_synthetic_dataset(tmp_path, SynthConfig(**{**SMALL, "seed": 1}), progress=False)
     # More videos with the same rendering settings extend the data set instead.
     summary = write_synthetic_dataset(tmp_path, SynthConfig(**{**SMALL, "num_videos": 6}), progress=False)
@@ -119,5 +119,5 @@ def test_an_interrupted_first_run_still_refuses_another_config(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_dataset(tmp_path, SynthConfig(**SMALL), progress=False)
     monkeypatch.setattr(synthetic_videos, "render_video", real)
-    with pytest.raises(UserError, match="another config"):
+    with pytest.raises(UserError, match=r"another config: resolution \(saved 64, now 32\); use a new output folder$"):
         write_synthetic_dataset(tmp_path, SynthConfig(**{**SMALL, "resolution": 32}), progress=False)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data_pipeline.video import ClipConfig, VideoClipDataset
-from mebt.config import check_at_least, flatten, to_dict
+from mebt.config import check_at_least, refuse_changed_settings, to_dict
 from mebt.core.model_file import atomic_save
 from mebt.errors import ConfigError
 from mebt.fsutil import seed_everything, write_json, write_text
@@ -258,12 +258,9 @@ def train_step(model: VQGAN, discs: nn.ModuleDict, opt, d_opt, cfg: TokenizerTra
 def _config_clash(saved: dict, cfg: TokenizerTrainConfig, run_dir: Path) -> None:
     """Refuse to resume a checkpoint trained with another model or loss (changing train.* is fine)."""
     current = to_dict(cfg)
-    now = flatten({k: current[k] for k in ("model", "loss")})
-    before = flatten({k: saved.get(k, {}) for k in ("model", "loss")})
-    for key, value in now.items():
-        if before.get(key) != value:
-            raise ConfigError(f"config key '{key}' is {value!r} but '{run_dir}/tokenizer_last.ckpt' was trained with "
-                              f"{before.get(key)!r}; use another train.run_dir or the old value")
+    refuse_changed_settings(f"'{run_dir}/tokenizer_last.ckpt' was trained with another model or loss",
+                            {k: saved.get(k, {}) for k in ("model", "loss")},
+                            {k: current[k] for k in ("model", "loss")}, "use another train.run_dir or the saved values")
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset, eval_dataset: Dataset | None = None) -> dict:
