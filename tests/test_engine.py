@@ -145,6 +145,44 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes(codes_dir, uninterrup
         assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
+def test_no_host_sync_per_micro_batch_and_the_metrics_of_before(codes_dir, tmp_path):
+    # Each of 2 processes trains 3 and then 6 steps of 2 micro-batches, logging once at the end, with every
+    # host read of a tensor in the step's code counted (tests/host_syncs.py): a read per micro-batch or per
+    # step (loss.item(), int(hits), a blocking stop vote) makes the 6-step run read more than the 3-step one.
+    args = overrides(codes_dir, tmp_path, **{"deepspeed.grad_accum": 2, "data.batch_size": 2, "train.ckpt_every": 1000})
+    args = [a for a in args if not a.startswith(("train.steps=", "train.log_every=", "train.run_dir="))]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.host_syncs", str(tmp_path), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
+    runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for rank_runs in runs:
+        short, long = rank_runs["3"]["reads"], rank_runs["6"]["reads"]
+        assert short == long and short, (short, long)   # the log step's reads are seen: the count works
+    # Loss and accuracy as the loop computed them when it read every micro-batch: per rank, the sum over
+    # steps of the micro-batches' mean, then the mean over steps and ranks, in the same order (bit-equal).
+    windows = []
+    for rank in (0, 1):
+        records = trace(tmp_path / "steps6", rank)
+        assert [r["step"] for r in records] == [s for s in range(1, 7) for _ in range(2)]
+        loss = acc1 = 0.0
+        for step in range(6):
+            micro = records[2 * step:2 * step + 2]
+            step_loss = sum(r["loss"] for r in micro) / 2
+            for r in micro:
+                acc1 += r["acc1"] / 2
+            loss += step_loss
+        windows.append((loss, acc1, step_loss))
+    logged = json.loads((tmp_path / "steps6" / "metrics.jsonl").read_text())
+    assert logged["loss"] == (windows[0][0] + windows[1][0]) / 6 / 2
+    assert logged["acc1"] == (windows[0][1] + windows[1][1]) / 6 / 2
+    assert runs[0]["6"]["final_loss"] == windows[0][2]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_gives_a_model_that_loads_without_deepspeed(uninterrupted, tmp_path, stage):
     out = tmp_path / "model.pt"

@@ -139,7 +139,9 @@ def chunked_masked_loss(features: torch.Tensor, head: nn.Linear, codes: torch.Te
     """``masked_loss(head(features), ...)`` without ever holding more than ``chunk_rows`` rows of logits.
 
     At 16384 codes the fp32 logits of 8192 targets are 512 MiB per sample, more than all of MeBT's other
-    activations; each chunk's logits are recomputed in backward instead of being kept.
+    activations; each chunk's logits are recomputed in backward instead of being kept. The accuracies are
+    float64 0-dim tensors on the features' device, not floats: reading one waits for the device, which a
+    training loop does only when it logs.
     """
     labels = codes.flatten(1).gather(1, tgt_idx).flatten()
     rows = features.flatten(0, 1)
@@ -149,7 +151,7 @@ def chunked_masked_loss(features: torch.Tensor, head: nn.Linear, codes: torch.Te
         terms = checkpoint(_chunk_terms, rows[part], head, labels[part], label_smoothing, use_reentrant=False)
         ce, hit1, hit5 = ce + terms[0], hit1 + terms[1], hit5 + terms[2]
     n = labels.numel()
-    return _per_masked(ce, tgt_idx, n_masked), {"acc1": int(hit1) / n, "acc5": int(hit5) / n}
+    return _per_masked(ce, tgt_idx, n_masked), {"acc1": hit1.double() / n, "acc5": hit5.double() / n}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

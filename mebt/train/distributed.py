@@ -110,15 +110,49 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on some rank (a stop request seen by one process)."""
-    import torch.distributed as dist
+class StopVote:
+    """Whether some rank asked to stop, agreed on without blocking a step.
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    Each step boundary reads the MAX all-reduce of the flags started at the previous boundary and starts
+    the next one, asynchronously, over gloo on a CPU tensor (its own group when training runs on nccl), so
+    the vote never waits for the accelerator. The previous round has finished by the time it is read: every
+    rank passed that boundary before the step's gradient reduction could complete. Every rank reads the
+    same result at the same boundary, so they all stop there, one step after the first rank asked; with one
+    process the flag counts at once.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.group = None
+        if self.world > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")   # a collective call: every rank makes it here
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.view = self.flag.numpy()   # the same memory: reading or setting it is no tensor operation
+        self.pending = None
+
+    def poll(self, flag: bool) -> bool:
+        """True on every rank at the first boundary where the previous round saw some rank's flag."""
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return flag
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+            agreed = bool(self.view[0])
+        if not agreed:   # after an agreed stop no rank starts another round
+            self.view[0] = int(flag)
+            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Finish the round in flight (every rank started it), so no collective outlives the loop."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
 
 
 def barrier() -> None:

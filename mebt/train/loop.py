@@ -7,9 +7,13 @@ needs (step, every rank's loader position and RNG states, the MLflow run id) liv
 the DeepSpeed checkpoint's client state; a run directory that has a checkpoint resumes from it.
 
 SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption; submitit asks SLURM for
-USR2) asks for a stop: the ranks agree
-on it at the next step boundary, checkpoint, and ``train`` returns ``preempted``; the CLI then exits with
-``REQUEUE_EXIT_CODE`` so a launcher knows to requeue rather than fail.
+USR2) asks for a stop: the ranks agree on it at a step boundary (the one after the signal's, see
+``StopVote``: the vote never blocks a step), checkpoint there, and ``train`` returns ``preempted``; the CLI
+then exits with ``REQUEUE_EXIT_CODE`` so a launcher knows to requeue rather than fail.
+
+No micro-batch waits for the device: loss and accuracy are summed in float64 tensors on the training
+device (FLOPs and tokens follow from shapes, on the host) and read once per ``log_every`` steps, with one
+all-reduce; trace records keep their losses on the device until the next log or checkpoint step.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config
-from mebt.train.distributed import any_rank, init_process_group, pick_device, resolve_env
+from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
 from mebt.train.optim import lr_scheduler
 from mebt.train.samples import SampleWriter
 from mebt.train.tracking import Tracker
@@ -106,9 +110,42 @@ class _Records:
         write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        if self.path is not None:
+        self.write_all([record])
+
+    def write_all(self, records: list[dict]) -> None:
+        if self.path is not None and records:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+class _Trace:
+    """Per-micro-batch records (step, loss, acc1, clip keys) whose values stay on the device until ``flush``."""
+
+    def __init__(self, records: _Records):
+        self.records, self.rows = records, []
+
+    def add(self, step: int, loss: torch.Tensor, acc1: torch.Tensor, keys) -> None:
+        if self.records.path is not None:
+            self.rows.append((step, torch.stack([loss, acc1]), keys))
+
+    def flush(self) -> None:
+        if self.rows:
+            values = torch.stack([v for _, v, _ in self.rows]).tolist()   # one device read for all of them
+            self.records.write_all([{"step": step, "loss": loss, "acc1": acc1, "keys": keys}
+                                    for (step, _, keys), (loss, acc1) in zip(self.rows, values)])
+            self.rows = []
+
+
+class _Window:
+    """Sums over the steps since the last log: loss and accuracy on the device, FLOPs, tokens and data wait
+    on the host (they come from shapes and clocks)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.acc1 = torch.zeros((), dtype=torch.float64, device=device)
+        self.flops = self.tokens = self.wait = 0.0
+        self.steps = 0
+        self.start = time.perf_counter()
 
 
 def train(cfg: RunConfig) -> dict:
@@ -160,7 +197,7 @@ def train(cfg: RunConfig) -> dict:
                       params=flatten(to_dict(cfg)), tags={"world_size": env.world_size, "launcher": env.source})
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
         tracker.log_artifact(run_dir / name)
-    trace = _Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace)
+    trace = _Trace(_Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace))
     history = _Records(run_dir / "metrics.jsonl", state.step, main)
     log.info(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
              f"{device.type}, ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, "
@@ -172,18 +209,18 @@ def train(cfg: RunConfig) -> dict:
     peak = peak_flops_per_s(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
                                                                                      torch.float32))
     stop = StopRequest()
+    votes = StopVote()
     stream = _stream(loader)
     bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", disable=not main)
-    window = {"loss": 0.0, "acc1": 0.0, "steps": 0, "wait": 0.0, "flops": 0.0, "tokens": 0.0}
-    window_start = time.perf_counter()
+    window = _Window(device)
     preempted = None
-    last_loss = None
+    last_loss = None   # the last step's mean loss, a device tensor until the end
     while state.step < tc.steps:
-        losses = []
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(accum):
             t = time.perf_counter()
             batch = next(stream)
-            window["wait"] += time.perf_counter() - t
+            window.wait += time.perf_counter() - t
             codes = batch["codes"].to(device, non_blocking=True)
             # Clip length and mask ratio from (seed, step, micro-batch): the same on every rank, nothing to save.
             shared = torch.Generator().manual_seed(hash((tc.seed, state.step, micro)) & (2 ** 63 - 1))
@@ -191,48 +228,36 @@ def train(cfg: RunConfig) -> dict:
             loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device), masks.n_masked)
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
-            window["acc1"] += metrics["acc1"] / accum
+            loss = loss.detach().double()
+            step_loss += loss
+            window.acc1 += metrics["acc1"] / accum
             n_ctx, n_tgt = masks.ctx_idx.shape[1], masks.tgt_idx.shape[1]
-            window["flops"] += mebt_train_flops(cfg.model, n_ctx, n_tgt) * len(codes)
-            window["tokens"] += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
-            trace.write({"step": state.step + 1, "loss": losses[-1], "keys": batch["key"]})
+            window.flops += mebt_train_flops(cfg.model, n_ctx, n_tgt) * len(codes)
+            window.tokens += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
+            trace.add(state.step + 1, loss, metrics["acc1"], batch["key"])
         state.step += 1
-        last_loss = sum(losses) / accum
-        window["loss"] += last_loss
-        window["steps"] += 1
+        last_loss = step_loss / accum
+        window.loss += last_loss
+        window.steps += 1
         bar.update(1)
 
         if state.step % tc.log_every == 0 or state.step == tc.steps:
-            seconds = time.perf_counter() - window_start
-            # On the training device: nccl reduces only CUDA tensors.
-            sums = torch.tensor([window["loss"], window["acc1"], window["flops"], window["tokens"]],
-                                dtype=torch.float64, device=device)
-            if env.world_size > 1:
-                dist.all_reduce(sums)
-            n, clips = window["steps"], window["steps"] * ds_config["train_batch_size"]
-            record = {"step": state.step, "loss": sums[0].item() / n / env.world_size,
-                      "acc1": sums[1].item() / n / env.world_size, "lr": float(engine.get_lr()[0]),
-                      "samples_per_s": clips / seconds, "tokens_per_s": sums[3].item() / seconds,
-                      "step_time_s": seconds / n, "data_wait_s": window["wait"] / n,
-                      "peak_memory_mib": _peak_memory_mib(device)}
-            achieved = mfu(sums[2].item() / seconds / env.world_size, peak)
-            if achieved is not None:
-                record["mfu"] = achieved
+            record = _log_record(window, state.step, engine, env.world_size, ds_config["train_batch_size"], device,
+                                 peak)
+            trace.flush()
             history.write(record)
             tracker.log_metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, state.step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
             log.info(f"step {state.step}/{tc.steps}: loss {record['loss']:.4f}, acc1 {record['acc1']:.4f}, "
                      f"lr {record['lr']:.3g}, {record['samples_per_s']:.1f} clips/s, "
                      f"{record['step_time_s']:.3f} s/step" + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
-            window = dict.fromkeys(window, 0.0)
-            window["steps"] = 0
-            window_start = time.perf_counter()
+            window = _Window(device)
 
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
             samples.write(engine.module.model, state.step, tracker)
-        requested = any_rank(stop.signal is not None, device)
+        requested = votes.poll(stop.signal is not None)
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or requested:
+            trace.flush()   # every record up to the checkpoint is on disk before it exists
             state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main)
             train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,
                                   {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
@@ -240,17 +265,40 @@ def train(cfg: RunConfig) -> dict:
             preempted = stop.signal or "peer"
             log.info(f"stopped by {preempted} at step {state.step}, after its checkpoint")
             break
+    votes.close()
     bar.close()
     stop.restore()
     if preempted is None:
         samples.write(engine.module.model, state.step, tracker)
     sent = tracker.close(status="KILLED" if preempted else "FINISHED")
-    result = {"step": state.step, "final_loss": last_loss, "run_dir": str(run_dir), "preempted": preempted,
+    result = {"step": state.step, "final_loss": None if last_loss is None else last_loss.item(),
+              "run_dir": str(run_dir), "preempted": preempted,
               "mlflow_run_id": state.mlflow_run_id or tracker.run_id, "tracking": sent,
               "checkpoint": str(run_dir / train_checkpoint.CKPT_DIR / train_checkpoint.tag_of(state.step))}
     if main:
         print(json.dumps(result))
     return result
+
+
+def _log_record(window: _Window, step: int, engine, world_size: int, clips_per_step: int, device, peak) -> dict:
+    """The metrics of the steps in ``window``, averaged over them and the ranks: the one device read and
+    all-reduce of a log step."""
+    seconds = time.perf_counter() - window.start
+    # On the training device: nccl reduces only CUDA tensors.
+    sums = torch.stack([window.loss, window.acc1, torch.tensor(window.flops, dtype=torch.float64, device=device),
+                        torch.tensor(window.tokens, dtype=torch.float64, device=device)])
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss, acc1, flops, tokens = sums.tolist()
+    n = window.steps
+    record = {"step": step, "loss": loss / n / world_size, "acc1": acc1 / n / world_size,
+              "lr": float(engine.get_lr()[0]), "samples_per_s": n * clips_per_step / seconds,
+              "tokens_per_s": tokens / seconds, "step_time_s": seconds / n, "data_wait_s": window.wait / n,
+              "peak_memory_mib": _peak_memory_mib(device)}
+    achieved = mfu(flops / seconds / world_size, peak)
+    if achieved is not None:
+        record["mfu"] = achieved
+    return record
 
 
 def _run_id(tracker: Tracker, main: bool) -> str | None:
