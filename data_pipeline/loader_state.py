@@ -74,7 +74,7 @@ class DatasetIndex:
         info, manifest, shards = load_tables(self.data_dir)
         missing = [c for c in MANIFEST_COLUMNS if c not in manifest.column_names]
         if missing:
-            raise DatasetError(f"'{self.data_dir / MANIFEST}' lacks columns {missing}; rerun mebt preprocess --merge")
+            raise DatasetError(f"'{self.data_dir / MANIFEST}' lacks columns {missing}; rerun mebt data merge DIR")
         self.codebook_size = info.get("codebook_size")
         self.shard_names = shards.column("shard").to_pylist()
         self.shard_bytes = shards.column("bytes").to_numpy()
@@ -84,7 +84,7 @@ class DatasetIndex:
         unknown = sorted(set(listed) - shard_ids.keys())
         if unknown:
             raise DatasetError(f"manifest of '{self.data_dir}' lists shard '{unknown[0]}' that shards.parquet does "
-                               "not; rerun mebt preprocess --merge")
+                               "not; rerun mebt data merge DIR")
         for name in sorted(set(listed)):
             if not (self.data_dir / name).is_file():
                 raise DatasetError(f"shard '{name}' listed in the manifest is missing from '{self.data_dir}'; "
@@ -125,7 +125,7 @@ class DatasetIndex:
             position = np.arange(len(rows)) - start[self.row_shard[rows]]
             if not (np.array_equal(count, expect_counts.to_numpy()) and np.array_equal(self.row_index[rows], position)):
                 raise DatasetError(f"manifest and shards.parquet of '{self.data_dir}' disagree on the samples of "
-                                   "some shard (counts or tar positions); rerun mebt preprocess --merge")
+                                   "some shard (counts or tar positions); rerun mebt data merge DIR")
         return rows, start, count
 
     def shard_samples(self, shard: int) -> tuple[np.ndarray, np.ndarray]:

@@ -162,8 +162,8 @@ def load_tables(out_dir: str | Path) -> tuple[dict, pa.Table, pa.Table]:
     missing = [name for name in (MANIFEST, SHARDS) if not (out_dir / name).is_file()]
     if missing or not info.get("complete"):
         raise DatasetError(f"'{out_dir}' has no merged manifest ({_list_names(missing or [MANIFEST])} missing); "
-                           "finish every preprocessing task or run mebt preprocess --merge")
+                           "finish every preprocessing task or run mebt data merge DIR")
     try:
         return info, pq.read_table(out_dir / MANIFEST), pq.read_table(out_dir / SHARDS)
     except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"the manifest of '{out_dir}' is unreadable ({e}); run mebt preprocess --merge") from None
+        raise DatasetError(f"the manifest of '{out_dir}' is unreadable ({e}); run mebt data merge DIR") from None

@@ -68,12 +68,12 @@ class PreprocessError(UserError):
 
 @dataclass
 class PreprocessConfig:
-    input_dir: str = ""
-    out_dir: str = ""
-    tokenizer: str = ""                   # tokenizer checkpoint written by save_tokenizer
+    input_dir: str = ""                   # folder of videos (with train.txt/test.txt) or frame folders
+    out_dir: str = field(default="", metadata={"flag": "out"})   # dataset output folder
+    tokenizer: str = ""                   # tokenizer checkpoint (TATS VQGAN .ckpt or `mebt tokenizer train` output)
     split: str = "train"
     prefix: str | None = None             # shard name prefix; default: the split
-    clip: ClipConfig = field(default_factory=ClipConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig, metadata={"flags": True})
     videos_per_shard: int = 64
     workers: int = 1                      # encoding processes on this machine
     batch_size: int = 8                   # clips per tokenizer forward pass

@@ -22,7 +22,7 @@ from mebt.errors import ConfigError
 
 @dataclass
 class CodeDatasetConfig:
-    codes: SyntheticCodesConfig = field(default_factory=SyntheticCodesConfig)
+    codes: SyntheticCodesConfig = field(default_factory=SyntheticCodesConfig, metadata={"flags": True})
     grid: tuple[int, int, int] = (4, 8, 8)     # T', H', W'
     vocab_size: int = 8
     shard_size: int = 512                      # clips per shard
@@ -34,6 +34,12 @@ class CodeDatasetConfig:
             raise ConfigError(f"shard_size and grid must be positive, got {self.shard_size} and {list(self.grid)}")
         if not 2 <= self.vocab_size <= 2 ** 15:
             raise ConfigError(f"vocab_size must be in [2, 32768] (shards hold int16 codes), got {self.vocab_size}")
+
+
+@dataclass
+class CodeDatasetJob(CodeDatasetConfig):
+    """`mebt data synth-codes OUT`: the dataset settings and the output folder."""
+    out: str = ""                              # output dataset folder
 
 
 def write_code_dataset(out_dir: str | Path, cfg: CodeDatasetConfig, progress: bool = True) -> dict:

@@ -61,6 +61,12 @@ class SynthConfig:
             raise ConfigError(f"config key 'seed' must be non-negative, got {self.seed}")
 
 
+@dataclass
+class SynthJob(SynthConfig):
+    """`mebt data synth OUT`: the rendering settings and the output folder."""
+    out: str = ""                         # output folder (mp4 files, train.txt, test.txt, synth.json)
+
+
 def _bounce(start: float, velocity: float, n_frames: int, low: float, high: float) -> np.ndarray:
     """Positions over time of a point moving at constant speed in [low, high], reflecting at both ends."""
     span = high - low

@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, NamedTuple
 
@@ -53,7 +53,7 @@ class ClipConfig:
     frame_stride: int = 1            # take every n-th frame of the video
     resolution: int = 128
     starts: Literal["random", "all"] = "random"
-    all_stride: int = 1              # with starts='all': distance in frames between consecutive clip starts
+    all_stride: int = field(default=1, metadata={"flag": "clip_stride"})   # with starts='all': frames between clip starts
 
     def __post_init__(self):
         for key in ("sequence_length", "frame_stride", "resolution", "all_stride"):

@@ -1,6 +1,7 @@
 """`mebt launch local train --nproc N ...`: N training processes on this machine, without SLURM or torchrun.
 
-Each process runs ``python -m mebt.cli train`` with the rendezvous variables torchrun would set (rank,
+The launcher takes the resolved ``RunConfig``: it is written once to ``RUN_DIR/launch_config.yaml`` and
+each process runs ``python -m mebt.train --config`` that file with the rendezvous variables torchrun would set (rank,
 world size, local rank, loopback master, a free port) and a fair share of the cores as its thread count.
 Unlike torchrun, the launcher's exit code is the training's: 0, or 75 when every process checkpointed
 and stopped for a signal (``REQUEUE_EXIT_CODE``: run the same command again to resume), or the first
@@ -15,8 +16,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
+
+from mebt.config import as_base, to_dict
 from mebt.errors import UserError
+from mebt.fsutil import write_text
+from mebt.train.config import RunConfig
 from mebt.train.distributed import free_port
 from mebt.train.loop import REQUEUE_EXIT_CODE
 
@@ -30,12 +38,23 @@ def worker_env(rank: int, nproc: int, port: int, environ=os.environ) -> dict:
             "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", str(threads))}
 
 
-def launch_local(nproc: int, train_args: list[str], grace_s: float = 30.0) -> int:
-    """Run ``mebt train TRAIN_ARGS`` as ``nproc`` processes; returns the exit code to use."""
+@dataclass
+class LocalTrainJob(RunConfig):
+    """`mebt launch local train`: a training config plus the number of processes."""
+    nproc: int = 2                         # training processes on this machine (ranks 0..N-1)
+
+    def run_config(self) -> RunConfig:
+        return as_base(self, RunConfig)
+
+
+def launch_local(cfg: RunConfig, nproc: int, grace_s: float = 30.0) -> int:
+    """Train ``cfg`` as ``nproc`` processes; returns the exit code to use."""
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
+    path = Path(cfg.train.run_dir) / "launch_config.yaml"
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "mebt.cli", "train", *train_args],
+    procs = [subprocess.Popen([sys.executable, "-m", "mebt.train", "--config", str(path)],
                               env=worker_env(rank, nproc, port)) for rank in range(nproc)]
     previous = {s: signal.signal(s, lambda signum, _: [p.send_signal(signum) for p in procs if p.poll() is None])
                 for s in FORWARDED}

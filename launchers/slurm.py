@@ -23,10 +23,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_pipeline.preprocess import PreprocessConfig
+from mebt.config import as_base
 from mebt.errors import ConfigError, UserError
+from mebt.eval.evaluate import EvalJob
+from mebt.train.config import RunConfig
 
 LAUNCH_JSON = "launch.json"
 
@@ -150,16 +154,16 @@ def rendezvous_from_submitit() -> None:
 class TrainTask:
     """The callable each task runs: `mebt train` with the rendezvous from submitit, requeue on a stop signal."""
 
-    def __init__(self, config: str | None, overrides: list[str], max_requeues: int):
-        self.config, self.overrides, self.max_requeues = config, list(overrides), max_requeues
+    def __init__(self, cfg, max_requeues: int):
+        # The resolved config travels with the job: a requeued job trains what was submitted, whatever
+        # happened to the YAML file since.
+        self.cfg, self.max_requeues = cfg, max_requeues
 
     def __call__(self) -> dict:
-        from mebt.config import load_config
-        from mebt.train.config import RunConfig
         from mebt.train.loop import REQUEUE_EXIT_CODE, train
 
         rendezvous_from_submitit()
-        result = train(load_config(RunConfig, self.config, self.overrides))
+        result = train(self.cfg)
         if not result["preempted"]:
             return result
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
@@ -199,15 +203,12 @@ def _announce(info: dict, run_dir: Path, extra: str = "") -> None:
           f"run dir {run_dir}{extra}; follow with `mebt launch status {run_dir}`")
 
 
-def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, dry_run: bool = False,
-                 local: bool = False) -> dict | None:
-    """Check everything that can be checked here, then submit (or print the sbatch script)."""
+def submit_train(cfg, slurm: SlurmConfig, dry_run: bool = False, local: bool = False) -> dict | None:
+    """Check everything that can be checked here, then submit (or print the sbatch script) ``cfg``, a RunConfig."""
     from data_pipeline.loader import make_loader
-    from mebt.config import load_config
-    from mebt.train.config import RunConfig, deepspeed_config
+    from mebt.train.config import deepspeed_config
     from mebt.train.tracking import tracking_uri
 
-    cfg = load_config(RunConfig, config, overrides)
     # Batch sizes against nodes x tasks, precision against the device, the dataset against the model: the
     # same one-line errors `mebt train` gives, before anything is queued.
     deepspeed_config(cfg, slurm.world_size, "cuda" if slurm.gpus_per_node else "cpu")
@@ -216,8 +217,7 @@ def submit_train(config: str | None, overrides: list[str], slurm: SlurmConfig, d
     run_dir = Path(cfg.train.run_dir).resolve()
     uri = tracking_uri(cfg.mlflow.tracking_uri, run_dir)
     return _queue(slurm, run_dir, "train", dry_run, local,
-                  lambda folder: [executor(slurm, folder, local).submit(TrainTask(config, overrides,
-                                                                                  slurm.max_requeues))],
+                  lambda folder: [executor(slurm, folder, local).submit(TrainTask(cfg, slurm.max_requeues))],
                   f", MLflow {uri} experiment '{cfg.mlflow.experiment}'" if cfg.mlflow.enabled else "")
 
 
@@ -308,3 +308,31 @@ def submit_eval(job, slurm: SlurmConfig, dry_run: bool = False, local: bool = Fa
         raise UserError("mebt launch slurm eval needs an existing --checkpoint CKPT|RUN_DIR or --watch RUN_DIR")
     return _queue(slurm, job.record_dir(), "eval", dry_run, local,
                   lambda folder: [executor(slurm, folder, local).submit(job)])
+
+
+# The typed configs of the `mebt launch slurm` commands: the job's own config plus the SLURM options.
+
+@dataclass
+class SlurmOptions:
+    slurm: SlurmConfig = field(default_factory=SlurmConfig, metadata={"flags": True})
+    dry_run: bool = False                  # print the sbatch script, submit nothing
+    local: bool = False                    # run the same job with submitit's local executor
+
+    def job_config(self, base: type):
+        """The job's own config (an instance of ``base``) without the SLURM options."""
+        return as_base(self, base)
+
+
+@dataclass
+class SlurmTrainJob(SlurmOptions, RunConfig):
+    """`mebt launch slurm train`: a training config (as for `mebt train`) and the SLURM options."""
+
+
+@dataclass
+class SlurmPreprocessJob(SlurmOptions, PreprocessConfig):
+    """`mebt launch slurm preprocess`: a preprocessing config whose num_tasks is the job array's size."""
+
+
+@dataclass
+class SlurmEvalJob(SlurmOptions, EvalJob):
+    """`mebt launch slurm eval`: an evaluation (or a --watch) as its own job."""

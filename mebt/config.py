@@ -41,6 +41,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        if "preset" in value and hasattr(tp, "named"):
+            # A named preset (e.g. sampling: {preset: ucf_16f}) under the section's other keys: presets are
+            # defined once, in code, and configs only name them.
+            value = {**to_dict(tp.named(value["preset"])), **{k: v for k, v in value.items() if k != "preset"}}
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -69,6 +73,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)   # YAML and flags read `--time 10` or `job_name: 7` as numbers; the field wants text
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -116,6 +122,11 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
 def _prefixed(msg: str, prefix: str) -> str:
     # A dataclass's own check names its field as 'config key 'x''; give it its full dotted path.
     return msg.replace("config key '", f"config key '{prefix}", 1)
+
+
+def as_base(cfg: Any, base: type) -> Any:
+    """The ``base`` dataclass part of ``cfg`` (an instance of a subclass that adds command options)."""
+    return base(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(base) if f.init})
 
 
 def to_dict(cfg: Any) -> dict:
@@ -215,7 +226,54 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def packaged_configs() -> Path:
+    """The folder of the configs shipped with mebt (``configs/`` of the source tree, installed as ``mebt.configs``)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("mebt.configs")))
+    except ModuleNotFoundError:   # a source checkout that was not installed
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file by path, by path relative to ``relative_to``, or by the name of a packaged config
+    (``ucf_16f`` or ``ucf_16f.yaml``)."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.append(relative_to / name)
+    stem = Path(name).name
+    candidates.append(packaged_configs() / (stem if stem.endswith((".yaml", ".yml")) else f"{stem}.yaml"))
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = ", ".join(sorted(p.stem for p in packaged_configs().glob("*.yaml")))
+    raise ConfigError(f"config file '{name}' does not exist and is not a packaged config (packaged: {known})")
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` on top of ``base``: mappings merge key by key, everything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(name: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML config with its bases: a top-level ``base: OTHER`` (a path relative to this file or a packaged
+    config name, or a list of them, applied in order) is read first and this file's keys go on top."""
+    path = find_config(name)
+    if path.resolve() in _seen:
+        raise ConfigError(f"config '{path}' includes itself through 'base:' ({' -> '.join(map(str, _seen))})")
+    data = read_yaml(path)
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = merge(merged, read_config_file(find_config(base, path.parent), _seen + (path.resolve(),)))
+    return merge(merged, data)
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Any:
-    """YAML file (optional) + dotted overrides -> validated dataclass instance."""
-    data = read_yaml(path) if path else {}
+    """YAML config (optional; with its ``base:`` files) + dotted overrides -> validated dataclass instance."""
+    data = read_config_file(path) if path else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))

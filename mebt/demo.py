@@ -22,29 +22,36 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mebt.config import load_config, refuse_changed_settings
+from mebt.config import load_config, refuse_changed_settings, to_dict
 from mebt.errors import UserError
 from mebt.fsutil import write_json, write_text
 from mebt.logs import ensure_logging
 
-# MaskGIT + revision settings for the demo's samples (logged with the run; `mebt eval` takes the same as
-# overrides). A small model committing codes in confidence order fills whole clips with the background
-# code; a high choice temperature (a more random order) and revision rounds keep 0 of 128 samples empty.
-SAMPLING = {"steps": 64, "ctemp": 12.0, "n_revise": 4, "revise_rounds": 4, "revise_temperature": 0.8}
+# The packaged configs of the demo's tokenizer and MeBT (configs/demo_tokenizer.yaml, configs/demo.yaml);
+# the demo adds what depends on its own settings.
+TOKENIZER_CONFIG, MEBT_CONFIG = "demo_tokenizer", "demo"
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "samples", "eval")
 
 log = logging.getLogger(__name__)
 
 
+def demo_sampling():
+    """The sampling settings of the demo's MeBT config: its grid and its evaluation sample alike."""
+    from mebt.config import from_dict, read_config_file
+    from mebt.core.sampling import SamplingConfig
+
+    return from_dict(SamplingConfig, read_config_file(MEBT_CONFIG)["sampling"], prefix="sampling.")
+
+
 @dataclass
 class DemoConfig:
-    out_dir: str = "runs/demo"
+    out_dir: str = field(default="runs/demo", metadata={"flag": "out"})   # output directory
     num_videos: int = 192
     frames: int = 16                # per synthetic video
     clip_frames: int = 8            # per training clip; the tokenizer maps them to 4 latent frames
@@ -109,23 +116,16 @@ class Demo:
         return {"train": result["train"], "test": result["test"]}
 
     def tokenizer(self) -> dict:
-        from mebt.config import from_dict
         from mebt.train.tokenizer import TokenizerRunConfig, train_tokenizer_on_videos
 
         c = self.cfg
-        # Like configs/tokenizer_tiny.yaml (embedded so the demo runs from any directory): 4 latent frames.
-        cfg = from_dict(TokenizerRunConfig, {
-            "model": {"n_hiddens": 8, "num_groups": 8, "downsample": [c.clip_frames // 4, 4, 4],
-                      "n_codes": c.codebook, "embedding_dim": 64},
-            "loss": {"recon_loss": "mse", "recon_weight": 4.0},
-            "optim": {"lr": 3e-3, "betas": [0.9, 0.99], "warmup_steps": min(20, c.tokenizer_steps // 2),
-                      "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0},
-            "train": {"steps": c.tokenizer_steps, "batch_size": 64 // c.clip_frames, "log_every": 10,
-                      "seed": c.seed, "ckpt_every": max(1, c.tokenizer_steps // 4), "eval_clips": 32,
-                      "run_dir": str(self.out / "tokenizer")},
-            "data": {"root": str(self.out / "videos"),
-                     "clip": {"sequence_length": c.clip_frames, "resolution": c.resolution}},
-        })
+        cfg = load_config(TokenizerRunConfig, TOKENIZER_CONFIG, [   # 4 latent frames of clip_frames frames
+            f"model.downsample=[{c.clip_frames // 4}, 4, 4]", f"model.n_codes={c.codebook}",
+            f"optim.warmup_steps={min(20, c.tokenizer_steps // 2)}", f"train.steps={c.tokenizer_steps}",
+            f"train.batch_size={64 // c.clip_frames}", f"train.seed={c.seed}",
+            f"train.ckpt_every={max(1, c.tokenizer_steps // 4)}", f"train.run_dir={self.out / 'tokenizer'}",
+            f"data.root={self.out / 'videos'}", f"data.clip.sequence_length={c.clip_frames}",
+            f"data.clip.resolution={c.resolution}"])
         result = train_tokenizer_on_videos(cfg)
         grid = [c.clip_frames // cfg.model.downsample[0], *(c.resolution // d for d in cfg.model.downsample[1:])]
         return {"tokenizer": result["tokenizer"], "psnr": round(result["psnr"], 2), "codes": cfg.model.n_codes,
@@ -155,27 +155,19 @@ class Demo:
         from mebt.train.loop import train
 
         c = self.cfg
-        t, h, w = tokenizer["grid"]
-        config = {
-            "model": {"vocab_size": tokenizer["codes"], "latent_shape": [t, h, w], "n_layer": 6, "n_embd": 128,
-                      "n_head": 4, "n_latent": 32, "numerics": "preln"},
-            "optim": {"lr": 2e-3, "warmup_steps": 50, "schedule": "cosine", "min_lr_ratio": 0.1},
-            "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-            "data": {"data_dir": str(self.out / "codes"), "batch_size": 4 if c.quick else max(1, 32 // c.nproc)},
-            "sampling": SAMPLING,
-            "mlflow": {"experiment": "mebt-demo"},
-            "train": {"steps": c.mebt_steps, "log_every": max(1, min(50, c.mebt_steps // 4)),
-                      "ckpt_every": max(1, c.mebt_steps // 3), "sample_every": 0, "num_samples": 4,
-                      "tokenizer": tokenizer["tokenizer"], "seed": c.seed, "run_dir": str(self.out / "mebt")},
-        }
-        path = self.out / "mebt_config.yaml"
-        write_text(path, yaml.safe_dump(config, sort_keys=False))
+        cfg = load_config(RunConfig, MEBT_CONFIG, [
+            f"model.vocab_size={tokenizer['codes']}", f"model.latent_shape={list(tokenizer['grid'])}",
+            f"data.data_dir={self.out / 'codes'}", f"data.batch_size={4 if c.quick else max(1, 32 // c.nproc)}",
+            f"train.steps={c.mebt_steps}", f"train.log_every={max(1, min(50, c.mebt_steps // 4))}",
+            f"train.ckpt_every={max(1, c.mebt_steps // 3)}", f"train.tokenizer={tokenizer['tokenizer']}",
+            f"train.seed={c.seed}", f"train.run_dir={self.out / 'mebt'}"])
+        write_text(self.out / "mebt_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))   # for the record
         if c.nproc > 1:
-            code = launch_local(c.nproc, ["--config", str(path)])
+            code = launch_local(cfg, c.nproc)
             if code:
                 raise UserError(f"demo training exited with {code}; run `mebt demo` again to resume it")
         else:
-            train(load_config(RunConfig, path))
+            train(cfg)
         records = [json.loads(line) for line in (self.out / "mebt" / "metrics.jsonl").read_text().splitlines()]
         return {"run_dir": str(self.out / "mebt"), "processes": c.nproc, "final_loss": round(records[-1]["loss"], 4),
                 "final_acc1": round(records[-1]["acc1"], 4), "clips_per_s": round(records[-1]["samples_per_s"], 1)}
@@ -189,7 +181,7 @@ class Demo:
         """Real held-out clips, samples given their first latent frame, and unconditional samples, as grids."""
         from data_pipeline.video import ClipConfig, VideoClipDataset
         from mebt.core.model_file import load_model
-        from mebt.core.sampling import SamplingConfig, sample
+        from mebt.core.sampling import sample
         from mebt.media import side_by_side, to_uint8, write_formats
         from mebt.tokenizer.checkpoint import load_tokenizer
 
@@ -199,7 +191,7 @@ class Demo:
                                                                          resolution=self.cfg.resolution), seed=1)
         clips = torch.stack([real[i % len(real)]["video"] for i in range(n)])
         shape = model.cfg.latent_shape
-        sampling = SamplingConfig(**SAMPLING)
+        sampling = demo_sampling()
         g = torch.Generator().manual_seed(self.cfg.seed)
         with torch.no_grad():
             codes = tokenizer.encode(clips).flatten(1)
@@ -230,7 +222,7 @@ class Demo:
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
         from mebt.core.objective import masked_loss
-        from mebt.core.sampling import SamplingConfig, sample
+        from mebt.core.sampling import sample
         from mebt.eval.evaluate import load_for_eval, log_to_mlflow
         from mebt.eval.fvd import fvd, kvd
         from mebt.eval.i3d import i3d_features
@@ -254,7 +246,7 @@ class Demo:
             order = torch.rand(n, length, generator=g).argsort(1)   # half of every clip masked, seeded
             ctx, tgt = order[:, :length // 2], order[:, length // 2:]
             loss, acc = masked_loss(model(codes["test"], ctx, tgt), codes["test"], tgt)
-            generated = sample(model, SamplingConfig(**SAMPLING), n, generator=g, progress=True)
+            generated = sample(model, demo_sampling(), n, generator=g, progress=True)
             shape = model.cfg.latent_shape
             videos["generated"] = tokenizer.decode(generated.view(n, *shape))
             videos["reconstructions"] = tokenizer.decode(codes["train"].view(n, *shape))

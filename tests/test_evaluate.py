@@ -60,7 +60,7 @@ def scored(trained):
     """The run's last checkpoint scored once (FVD/KVD into its MLflow run): args, result and seconds."""
     args = ["--checkpoint", trained["run_dir"], "--num-samples", 6, "--batch-size", 4, "--i3d", trained["i3d"],
             "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 6, "--cache-dir",
-            trained["cache"], "steps=2"]
+            trained["cache"], "sampling.steps=2"]
     start = time.monotonic()
     done = mebt_eval(*args)
     return args, done, time.monotonic() - start
@@ -125,7 +125,7 @@ def test_eval_of_an_exported_model_without_real_videos_reports_the_skip(trained,
     assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", trained["run_dir"], model],
                           capture_output=True, cwd=ROOT).returncode == 0
     done = mebt_eval("--checkpoint", model, "--tokenizer", trained["tokenizer"], "--num-samples", 3, "--preset",
-                     "sky_16f", "steps=2", "n_revise=0", "revise_rounds=0")
+                     "sky_16f", "sampling.steps=2", "sampling.n_revise=0", "sampling.revise_rounds=0")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((Path(str(model) + ".eval") / "report.json").read_text())
     assert report["metrics"] == {} and "no real videos" in report["note"] and report["sampling"]["ctemp"] == 8.0
@@ -139,7 +139,7 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process(trained, tmp_path):
                           capture_output=True, cwd=ROOT).returncode == 0
     common = ["--checkpoint", model, "--tokenizer", trained["tokenizer"], "--num-samples", 3, "--runs", 2,
               "--batch-size", 2, "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 4,
-              "--cache-dir", tmp_path / "cache", "--protocol", "tats", "steps=2"]
+              "--cache-dir", tmp_path / "cache", "--protocol", "tats", "sampling.steps=2"]
     assert mebt_eval(*common, "--out", tmp_path / "one").returncode == 0
     second = mebt_eval(*common, "--out", tmp_path / "two", "--num-shards", 2, "--shard-index", 1)
     assert second.returncode == 0 and '"complete": false' in second.stdout, second.stderr[-2000:]
@@ -188,7 +188,7 @@ def stop_watcher(proc: subprocess.Popen) -> tuple[str, str]:
 def test_watch_evaluates_each_checkpoint_once(trained, tmp_path):
     # --out: every checkpoint gets its own folder below it, and its report there marks it as done.
     base = ["--watch", trained["run_dir"], "--out", tmp_path / "watch", "--num-samples", 2, "--batch-size", 2,
-            "--poll-s", 0.5, "steps=2", "--no-mlflow"]
+            "--poll-s", 0.5, "sampling.steps=2", "--no-mlflow"]
     reports = [tmp_path / "watch" / tag / "report.json" for tag in ("global_step2", "global_step4")]
     proc = watcher(base)
     deadline = time.monotonic() + 300

@@ -180,8 +180,8 @@ def test_evaluator_runs_as_its_own_job(trained, slurm_env, tmp_path):
     model = tmp_path / "model.pt"
     assert subprocess.run([sys.executable, "-m", "mebt.cli", "export", str(trained["run_dir"]), str(model)],
                           capture_output=True, cwd=ROOT).returncode == 0
-    done = launch(["slurm", "eval", "--time", "10", "--", "--checkpoint", str(model), "--tokenizer",
-                   str(trained["tokenizer"]), "--num-samples", "2", "--no-mlflow", "steps=2"], slurm_env)
+    done = launch(["slurm", "eval", "--time", "10", "--checkpoint", str(model), "--tokenizer",
+                   str(trained["tokenizer"]), "--num-samples", "2", "--no-mlflow", "sampling.steps=2"], slurm_env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = Path(str(model) + ".eval")
     wait_until_done(submitted_job(out), slurm_env)

@@ -19,7 +19,7 @@ LAYERS = [   # (layer, module prefixes), bottom first
     ("train", ("mebt.train",)),
     ("eval", ("mebt.eval",)),
     ("launchers", ("launchers",)),
-    ("app", ("mebt.cli", "mebt.demo")),
+    ("app", ("mebt.cli", "mebt.demo", "mebt.bench")),
 ]
 
 
@@ -118,3 +118,15 @@ def test_the_checks_catch_upward_imports_and_circles(tmp_path):
     assert upward(graph) == ["mebt.core.model:4 imports mebt.train.loop (core -> train)"]
     assert circles({"a.x": [("a.y", 1)], "a.y": [("a.z", 1)], "a.z": [("a.x", 1)], "a.w": [("a.x", 1)]}) == [
         ["a.x", "a.y", "a.z"]]
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists the packages (configs/ is mapped to mebt.configs): a new sub-package must be added there."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")}
+    assert listed == found | {"mebt.configs"}
+    assert (ROOT / "configs" / "__init__.py").is_file() and "mebt.configs = configs" in cfg["options"]["package_dir"]

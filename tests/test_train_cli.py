@@ -123,7 +123,7 @@ def test_preprocess_verify_stats_cli_end_to_end(tmp_path, capsys):
     assert main(["data", "verify", str(out)]) == 1
     assert shard.name in capsys.readouterr().out
     assert main(["preprocess", str(videos), "--out", str(out)]) == 2
-    assert "needs INPUT_DIR and --tokenizer" in capsys.readouterr().err
+    assert "config key 'tokenizer' must be set" in capsys.readouterr().err
 
 
 def test_tokenizer_train_cli_then_preprocess_with_it(tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_verify_flags_metadata_that_disagrees_with_the_manifest(copy):
 
 def test_verify_refuses_an_unmerged_dataset(copy):
     (copy / "manifest.parquet").unlink()
-    with pytest.raises(DatasetError, match="has no merged manifest .*run mebt preprocess --merge"):
+    with pytest.raises(DatasetError, match="has no merged manifest .*run mebt data merge DIR"):
         verify_dataset(copy)
 
 

@@ -103,6 +103,10 @@ def preset(name: str) -> SamplingConfig:
     return dataclasses.replace(PRESETS[name])
 
 
+# Configs name a preset as `sampling: {preset: NAME}` (mebt.config reads it through this).
+SamplingConfig.named = staticmethod(preset)
+
+
 def _masked_after(t: float, n: int) -> int:
     # cos(pi/2) is 6e-17 in floating point, which would leave one position masked after the last step.
     return 0 if t >= 1 else math.ceil(math.cos(math.pi * t / 2) * n)

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,11 +38,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    checkpoint: str                        # model file, run dir, checkpoints dir or checkpoints/global_stepN
+    checkpoint: str = ""                   # model file, run dir, checkpoints dir or checkpoints/global_stepN
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    out_dir: str | None = None             # default: RUN_DIR/eval/global_stepN, or MODEL.eval/
+    out_dir: str | None = field(default=None, metadata={"flag": "out"})   # default: RUN_DIR/eval/global_stepN, or MODEL.eval/
     tokenizer: str | None = None           # default: the run config's train.tokenizer
-    protocol: str = "float64"              # mebt.eval.protocols: float64, tats, mebt_16f, mebt_128f
+    protocol: Literal["float64", "tats", "mebt_16f", "mebt_128f"] = "float64"   # FVD protocol (mebt.eval.protocols)
     num_samples: int | None = None         # generated videos per run (default 256, or the protocol's)
     runs: int | None = None                # generated sets, each scored (default 1, or the protocol's)
     batch_size: int = 16
@@ -57,7 +58,7 @@ class EvalConfig:
     cache_dir: str = str(cache_root() / "real_features")
     grid_samples: int = 8
     device: str = "auto"
-    log_mlflow: bool = True
+    log_mlflow: bool = field(default=True, metadata={"flag": "mlflow"})   # log eval/* into the training's MLflow run
 
     def __post_init__(self):
         for key in ("batch_size", "num_shards", "grid_samples"):
@@ -305,10 +306,11 @@ class EvalJob:
     """`mebt eval` as one picklable callable (what a SLURM job runs): evaluate ``config`` once, or with
     ``watch`` evaluate every checkpoint of that run as it appears (each in ``config.out_dir/TAG`` when an
     output dir is set, else in its own ``eval_dir``)."""
-    config: EvalConfig
-    watch: str | None = None
-    poll_s: float = 30.0
-    max_evals: int | None = None
+    config: EvalConfig = field(default_factory=EvalConfig, metadata={"flags": True})
+    watch: str | None = None               # a run dir: evaluate each new checkpoint once, until stopped
+    poll_s: float = 30.0                   # --watch: seconds between looks
+    max_evals: int | None = None           # --watch: stop after this many evaluations
+    preset: str | None = None              # published sampling settings (sky_16f, ucf_128f, ...) under the overrides
 
     def config_for(self, checkpoint: str) -> EvalConfig:
         out = self.config.out_dir

@@ -22,7 +22,6 @@ from mebt.eval.i3d_weights import load_i3d
 from mebt.eval.protocols import fvd_kvd, get_protocol, record
 from mebt.fsutil import atomic_write, write_json
 
-
 log = logging.getLogger(__name__)
 
 

@@ -185,7 +185,10 @@ def _split_params(runs: list[dict]) -> tuple[list[str], dict[str, str]]:
 
 def _plot(runs: list[dict], metrics: Sequence[str], histories: dict, path: str | Path) -> Path:
     # Figure without pyplot: no global backend switch, no GUI, safe in any process (renders with Agg).
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise UserError("mebt runs compare --plot needs matplotlib: pip install 'mebt[plot]'") from None
 
     path = Path(path)
     fig = Figure(figsize=(9, 3.2 * len(metrics)), layout="constrained")

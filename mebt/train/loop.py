@@ -258,7 +258,8 @@ def train(cfg: RunConfig) -> dict:
         requested = votes.poll(stop.signal is not None)
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or requested:
             trace.flush()   # every record up to the checkpoint is on disk before it exists
-            state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main)
+            last = state.step == tc.steps or requested
+            state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main, wait_s=30.0 if last else 2.0)
             train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,
                                   {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
         if requested:
@@ -301,11 +302,14 @@ def _log_record(window: _Window, step: int, engine, world_size: int, clips_per_s
     return record
 
 
-def _run_id(tracker: Tracker, main: bool) -> str | None:
+def _run_id(tracker: Tracker, main: bool, wait_s: float) -> str | None:
     """The MLflow run id to store in the checkpoint. Only rank 0 writes the client state and ``mebt.json``
-    (and every rank reads them back on resume), so only rank 0 needs it."""
+    (and every rank reads them back on resume), so only rank 0 needs it. The run is created in the
+    background (a fresh sqlite store takes seconds to set up): a periodic checkpoint gives it a moment,
+    the last one (or one for a stop signal) waits longer, since an evaluation of that checkpoint logs into
+    the run it names."""
     if not main:
         return None
     if tracker.run_id is None:
-        tracker.flush(timeout=2.0)   # the run is created in the background; give it a moment
+        tracker.flush(timeout=wait_s)
     return tracker.run_id
