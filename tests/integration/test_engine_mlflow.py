@@ -6,8 +6,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+from tests.helpers.engine import command, overrides
 from tests.mlflow_fixtures import start_mlflow_server
-from tests.test_engine import command, overrides
 
 
 def tracked(codes_dir, run_dir, uri, experiment, **extra) -> list[str]:

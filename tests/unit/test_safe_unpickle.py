@@ -130,7 +130,7 @@ def test_other_objects_are_records_of_name_arguments_and_state(tmp_path, protoco
     call = got["call"]
     assert isinstance(call, PickledObject) and call.pickled_global == f"{os.name}.system"
     assert call.args == (f"touch '{marker}'",)
-    assert got["obj"].pickled_global == "tests.test_safe_unpickle.Sentinel" and got["obj"].state == {"value": 3}
+    assert got["obj"].pickled_global == f"{__name__}.Sentinel" and got["obj"].state == {"value": 3}
     # Protocol 0 passes a container subclass's items to copyreg._reconstructor, later ones store them.
     assert (got["dict"].args[0] if protocol == 0 else got["dict"].dict_items) == {"k": 1}
     assert got["dict"].state == {"note": "attr"}
@@ -139,7 +139,7 @@ def test_other_objects_are_records_of_name_arguments_and_state(tmp_path, protoco
     assert got["scalar"].pickled_global.endswith("multiarray.scalar") and got["scalar"].args[1] == np.float32(1.5).tobytes()
     assert got["fraction"].args == (1, 3)
     assert isinstance(got["type"], type) and issubclass(got["type"], PickledObject)
-    assert repr(got["type"]) == "<pickled class tests.test_safe_unpickle.Sentinel>"
+    assert repr(got["type"]) == f"<pickled class {__name__}.Sentinel>"
 
 
 def test_the_records_are_what_a_plain_unpickler_would_run(tmp_path):

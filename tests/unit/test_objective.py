@@ -15,7 +15,7 @@ from mebt.core.objective import (
     sample_masks,
 )
 from mebt.errors import ConfigError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_schedules_go_from_all_masked_to_none():

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.verify import verify_dataset
 from mebt.core.model_file import load_model
-from tests.i3d_weights import fake_i3d
+from tests.helpers.i3d_weights import fake_i3d
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def demo(*args, cwd, timeout=900) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mebt.core.model import MeBT, MeBTConfig, paper_layer_plan
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def split(n, n_ctx, batch=2, seed=0):

@@ -12,7 +12,7 @@ from mebt.fsutil import file_sha256
 from mebt.media import to_uint8
 
 # The real weights file's layout (copied from shared/reference/ so the suite runs from any clone).
-LAYOUT = Path(__file__).resolve().parent / "data" / "i3d_kinetics400_state_dict.tsv"
+LAYOUT = Path(__file__).resolve().parents[1] / "data" / "i3d_kinetics400_state_dict.tsv"
 
 
 def read_layout() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

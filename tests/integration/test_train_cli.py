@@ -57,7 +57,7 @@ def test_console_script_help_lists_subcommands():
 
 def test_convert_official_cli_writes_a_loadable_model(tmp_path, capsys):
     from mebt.core.model_file import load_model
-    from tests.test_convert import N_HEAD, small_official
+    from tests.helpers.official import N_HEAD, small_official
 
     ckpt = tmp_path / "official.ckpt"
     torch.save({"state_dict": small_official()}, ckpt)
@@ -92,7 +92,7 @@ def test_data_synth_cli_writes_and_resumes(tmp_path, capsys):
 
 def test_preprocess_verify_stats_cli_end_to_end(tmp_path, capsys):
     from mebt.tokenizer.checkpoint import save_tokenizer
-    from tests.test_preprocess import tiny_tokenizer
+    from tests.helpers.preprocess import tiny_tokenizer
 
     videos, out, tok = tmp_path / "videos", tmp_path / "codes", tmp_path / "tok.pt"
     assert main(["data", "synth", str(videos), "--num-videos", "4", "--frames", "8", "--resolution", "32"]) == 0

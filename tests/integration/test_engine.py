@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
@@ -21,68 +20,19 @@ from mebt.tokenizer.checkpoint import save_tokenizer
 from mebt.tokenizer.vqgan import VQGAN, VQGANConfig
 from mebt.train.distributed import free_port
 from mebt.train.loop import REQUEUE_EXIT_CODE, MeBTLoss
-from tests.conftest import CODES_GRID as GRID
-from tests.conftest import tiny_config
-
-
-def overrides(codes_dir, run_dir, **extra) -> list[str]:
-    base = {"data.data_dir": codes_dir, "data.batch_size": 4, "train.run_dir": run_dir, "train.steps": 60,
-            "train.ckpt_every": 5, "train.log_every": 5, "train.trace": "true", "train.deterministic": "true",
-            "train.num_samples": 2, "mlflow.enabled": "false", "model.latent_shape": f"[{','.join(map(str, GRID))}]",
-            "model.vocab_size": 8, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "model.n_latent": 8,
-            "model.numerics": "preln", "sampling.steps": 4, "optim.lr": 0.003,
-            # Several loss chunks whose count follows the mask ratio: ranks must agree on it under ZeRO-3.
-            "objective.loss_chunk_rows": 16}
-    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
-
-
-def command(nproc: int, args: list[str]) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "mebt.cli", "train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-            "-m", "mebt.cli", "train", *args]
-
-
-def run(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(nproc, args), capture_output=True, text=True, timeout=timeout)
-
-
-def trace(run_dir: Path, rank: int) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "trace" / f"rank{rank}.jsonl").read_text().splitlines()]
-
-
-def steps_traced(run_dir: Path) -> int:
-    path = run_dir / "trace" / "rank0.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def output_of(proc: subprocess.Popen) -> str:
-    """The tail of a process's combined output; it is stopped first, so reading cannot block."""
-    proc.kill()
-    return proc.communicate()[0][-3000:]
-
-
-def wait_for(ready, explain, procs=(), timeout: float = 240) -> None:
-    """Poll ``ready()``; fail with ``explain()`` when one of ``procs`` exits first or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, explain()
-        time.sleep(0.05)
-
-
-def latest(run_dir: Path) -> str | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    return pointer.read_text() if pointer.exists() else None
-
-
-def start_and_interrupt(nproc: int, args: list[str], run_dir: Path, how: int) -> subprocess.Popen:
-    """Start training, wait for its first checkpoint, then send ``how`` to the whole process group."""
-    proc = subprocess.Popen(command(nproc, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    wait_for(lambda: latest(run_dir) is not None, lambda: output_of(proc), [proc])
-    os.killpg(proc.pid, how)
-    proc.wait(timeout=120)
-    return proc
+from tests.helpers import CODES_GRID as GRID
+from tests.helpers import tiny_config
+from tests.helpers.engine import (
+    command,
+    latest,
+    output_of,
+    overrides,
+    run,
+    start_and_interrupt,
+    steps_traced,
+    trace,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")

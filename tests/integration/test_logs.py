@@ -21,7 +21,7 @@ from mebt.logs import (
     setup_logging,
 )
 from mebt.train.distributed import free_port
-from tests.test_engine import overrides
+from tests.helpers.engine import overrides
 
 log = logging.getLogger("mebt.train.loop")
 

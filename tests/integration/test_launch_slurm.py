@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_engine import latest, overrides, steps_traced, trace, wait_for
-from tests.test_evaluate import trained  # noqa: F401  (fixture)
-from tests.test_preprocess import data  # noqa: F401  (fixture)
+from tests.helpers.engine import latest, overrides, steps_traced, trace, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launchers" / "local_slurm.sh"
 
 

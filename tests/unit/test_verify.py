@@ -14,7 +14,7 @@ from data_pipeline.manifest import DatasetError
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shard_format import ShardWriter, read_shard
 from data_pipeline.verify import dataset_stats, format_stats, verify_dataset
-from tests.test_preprocess import GRID, N_CODES, data, make_config  # noqa: F401 (data is a fixture)
+from tests.helpers.preprocess import GRID, N_CODES, make_config
 
 
 @pytest.fixture(scope="module")

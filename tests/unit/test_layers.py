@@ -8,7 +8,7 @@ functions (a lazy import that runs up a layer is still an arrow the wrong way).
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("mebt", "data_pipeline", "launchers")
 LAYERS = [   # (layer, module prefixes), bottom first
     ("foundation", ("mebt", "mebt.config", "mebt.errors", "mebt.fsutil", "mebt.logs", "mebt.media",

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mebt.fsutil import (atomic_write, file_sha256, leftovers, seed_everything, temporary_name, write_bytes,
-                         write_json)
+from mebt.fsutil import atomic_write, file_sha256, leftovers, seed_everything, temporary_name, write_bytes, write_json
 
 
 def test_atomic_write_renames_on_success_and_leaves_nothing_on_failure(tmp_path):

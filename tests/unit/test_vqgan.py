@@ -12,7 +12,7 @@ from mebt.safe_unpickle import RECORDS_PICKLE_MODULE
 from mebt.tokenizer.checkpoint import TokenizerError, load_tokenizer, read_checkpoint, save_tokenizer, tokenizer_sha256
 from mebt.tokenizer.vqgan import VQGAN, Codebook, SamePadConv3d, SamePadConvTranspose3d, VQGANConfig, same_padding
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 # Every TATS VQGAN builds pre_vq_conv (encoder width -> embedding_dim, 1x1x1), but the vendored layout files
 # do not list it, so the fabricated checkpoints add it; the test below shows the bare layout is refused.
 PRE_VQ = {"pre_vq_conv.conv.weight": [256, 256, 1, 1, 1], "pre_vq_conv.conv.bias": [256]}
@@ -95,7 +95,7 @@ def test_tats_namespace_is_allow_listed_not_unpickled_freely(tmp_path, monkeypat
     assert load_tokenizer(path).cfg == VQGANConfig()
     # Other objects: the restricted unpickler, never torch's unrestricted one; they stay inert records.
     assert modes == [(True, None), (True, None), (False, RECORDS_PICKLE_MODULE)]
-    assert read_checkpoint(path)["callbacks"]["x"].pickled_global == "tests.test_vqgan.Unlisted"
+    assert read_checkpoint(path)["callbacks"]["x"].pickled_global == f"{__name__}.Unlisted"
 
 
 def test_bare_tsv_layout_is_refused_for_lacking_pre_vq_conv(tmp_path):
