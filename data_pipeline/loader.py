@@ -417,8 +417,9 @@ class ShardLoader:
                               seed=cfg.seed, crop_frames=cfg.crop_frames)
         self.batches_per_epoch = self.plan.batches_per_rank
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"dataset '{index.data_dir}' has {self.plan.num_samples} samples, fewer than one batch "
-                              f"per rank ({world_size} x {cfg.batch_size}); lower batch_size or set drop_last: false")
+            raise ConfigError(f"dataset '{index.data_dir}' has {self.plan.num_samples} clips, fewer than one batch per "
+                              f"rank ({world_size} rank(s) x data.batch_size {cfg.batch_size}); set data.batch_size to "
+                              f"at most {max(1, self.plan.num_samples // world_size)} or data.drop_last=false")
         self.epoch = 0
         self.position = 0
         self.corrupt_shards: dict[str, str] = {}
@@ -473,10 +474,14 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, expect_gr
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
     index = DatasetIndex(cfg.data_dir, cfg.split)
     grid = index.grid(cfg.crop_frames)
+    wrong = []
     if expect_grid is not None and tuple(expect_grid) != grid:
-        raise DatasetError(f"dataset '{index.data_dir}' yields clips of grid {list(grid)} (L x H' x W') but the model "
-                           f"expects {list(expect_grid)}; use a dataset made for this model or set crop_frames")
+        wrong.append(f"model.latent_shape {list(expect_grid)} (the dataset's clip grid: {list(grid)})")
     if expect_vocab is not None and index.codebook_size != expect_vocab:
-        raise DatasetError(f"dataset '{index.data_dir}' has codebook_size {index.codebook_size} but the model's "
-                           f"vocab_size is {expect_vocab}; tokenize with the model's tokenizer")
+        wrong.append(f"model.vocab_size {expect_vocab} (the dataset's codebook: {index.codebook_size})")
+    if wrong:
+        # Every mismatch in one line: a user fixing them one run at a time is the round trip to avoid.
+        raise DatasetError(f"dataset '{index.data_dir}' does not fit the model: {'; '.join(wrong)}; leave these keys "
+                           "out of the config (the model takes the dataset's), set them to the dataset's values, "
+                           "or use a dataset tokenized for this model")
     return ShardLoader(cfg, index, grid, rank, world_size)

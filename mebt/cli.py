@@ -15,7 +15,7 @@ import json
 import sys
 
 from mebt.errors import UserError
-from mebt.flags import Command, add_command, build_config, parse_args
+from mebt.flags import Command, add_command, build_config, format_config, parse_args
 from mebt.logs import default_level, setup_logging
 
 BENCHMARKS = {
@@ -205,6 +205,13 @@ def _eval_defaults(data: dict) -> dict:
     return data
 
 
+def _train_defaults(data: dict) -> dict:
+    """The model's code grid and vocabulary from the dataset unless the config sets them."""
+    from mebt.train.config import shape_from_dataset
+
+    return shape_from_dataset(data)
+
+
 def _preprocess_defaults(data: dict) -> dict:
     """Clips at every start one clip length apart (the whole video, once); a SLURM array task's slice."""
     import os
@@ -231,11 +238,12 @@ COMMANDS = [
     Command(("train",), "mebt.train.config:RunConfig", run_train, "train MeBT with DeepSpeed from preprocessed shards",
             "Train MeBT, e.g. `mebt train --config tiny train.steps=100`. One process with no launcher, or many "
             "under torchrun, the deepspeed launcher or srun (the same command). A run directory holding a "
-            "checkpoint is resumed automatically; SIGTERM/SIGUSR1/SIGUSR2 checkpoint and exit with code 75."),
+            "checkpoint is resumed automatically; SIGTERM/SIGUSR1/SIGUSR2 checkpoint and exit with code 75. "
+            "model.latent_shape and model.vocab_size default to the dataset's.", prepare=_train_defaults),
     Command(("launch", "slurm", "train"), "launchers.slurm:SlurmTrainJob", run_launch_slurm_train,
             "mebt train on NODES x TASKS processes, requeued after preemption",
             "The same config as `mebt train` plus the SLURM options; checked before submitting. The resolved "
-            "config travels with the job."),
+            "config travels with the job.", prepare=_train_defaults),
     Command(("launch", "slurm", "preprocess"), "launchers.slurm:SlurmPreprocessJob", run_launch_slurm_preprocess,
             "mebt preprocess as a job array (--num-tasks slices)",
             "The same options as `mebt preprocess` plus the SLURM options; --num-tasks is the array size. A rerun "
@@ -248,7 +256,8 @@ COMMANDS = [
             "Reads RUN_DIR/launch.json (written at submission) and asks SLURM.", positional=("run_dir",)),
     Command(("launch", "local", "train"), "launchers.local:LocalTrainJob", run_launch_local,
             "train with --nproc processes on this machine (no SLURM or torchrun)",
-            "Exit code: 0, 75 when stopped by a signal after a checkpoint (rerun to resume), or the first failure's."),
+            "Exit code: 0, 75 when stopped by a signal after a checkpoint (rerun to resume), or the first failure's.",
+            prepare=_train_defaults),
     Command(("eval",), "mebt.eval.evaluate:EvalJob", run_eval,
             "sample, decode and score a checkpoint (FVD/KVD), or watch a run",
             "Sample videos from a checkpoint (model file, run dir or DeepSpeed checkpoint), decode them, score them "
@@ -363,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
 
             load_benchmark(BENCHMARKS[args.name][0]).main(args.bench_args)   # prints its table; returns the rows
             return 0
-        return args._command.run(build_config(args)) or 0
+        cfg = build_config(args)
+        if args._print_config:
+            print(format_config(cfg))
+            return 0
+        return args._command.run(cfg) or 0
     except UserError as e:
         print(f"mebt: error: {e}", file=sys.stderr)
         return 2

@@ -136,6 +136,8 @@ def add_command(parser: argparse.ArgumentParser, command: Command) -> None:
     flags, sections = _fields(command.config)
     parser.add_argument("--config", metavar="FILE", help="YAML config (a file, or the name of a packaged config "
                                                           "such as tiny or ucf_16f); flags and KEY=VALUE apply on top")
+    parser.add_argument("--print-config", action="store_true", dest="_print_config",
+                        help="print the resolved config (every key, its value and doc) as YAML and exit")
     names = {f.path[-1] for f in flags}
     for flag in flags:
         if flag.path[-1] in command.positional:
@@ -261,3 +263,20 @@ def _parse(value):
     except yaml.YAMLError:
         return value
     return value if isinstance(parsed, (dict, list)) else parsed
+
+
+def format_config(cfg, indent: str = "") -> str:
+    """``cfg`` as YAML that loads back as a config, each key with its doc as a comment (`--print-config`)."""
+    lines, docs = [], {}
+    for klass in reversed(type(cfg).__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        doc = f"  # {docs[f.name]}" if docs.get(f.name) else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:{doc}")
+            lines.append(format_config(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{f.name}: {_show(value)}{doc}")
+    return "\n".join(lines)

@@ -63,6 +63,31 @@ class TrainConfig:
             raise ConfigError(f"config key 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
+def shape_from_dataset(data: dict) -> dict:
+    """``model.latent_shape`` and ``model.vocab_size`` from the dataset's ``dataset.json`` where the settings
+    (a merged config dict, before the dataclass is built) leave them out: the dataset knows its code grid
+    and codebook, so a new dataset trains without restating them. Explicit values stay and are checked
+    against the dataset when the loader opens it (every mismatch in one line)."""
+    data_dir = (data.get("data") or {}).get("data_dir")
+    model = data.get("model") or {}
+    if not data_dir or ("latent_shape" in model and "vocab_size" in model):
+        return data
+    from data_pipeline.manifest import read_dataset_json
+
+    try:
+        info = read_dataset_json(data_dir)
+    except Exception:   # no dataset (yet) or not a local one: the loader says what is wrong when training starts
+        return data
+    crop = (data.get("data") or {}).get("crop_frames")
+    grid = info.get("grid")
+    model = dict(model)
+    if "latent_shape" not in model and grid:
+        model["latent_shape"] = [crop or grid[0], *grid[1:]]
+    if "vocab_size" not in model and info.get("codebook_size"):
+        model["vocab_size"] = info["codebook_size"]
+    return {**data, "model": model}
+
+
 @dataclass
 class RunConfig:
     data: LoaderConfig | None = None     # required: the dataset directory and the micro-batch per process

@@ -18,9 +18,9 @@ def test_tiny_config_learns_the_procedural_grids(tmp_path):
     grids of the exported model keep one background and one object code through the video (random grids
     never do)."""
     cfg = load_config(RunConfig, "configs/tiny.yaml")
+    grid, vocab = (4, 8, 8), 8   # the dataset the config's comment describes; the config itself names neither
     write_code_dataset(tmp_path / "codes", CodeDatasetConfig(
-        codes=SyntheticCodesConfig(num_samples=2048, sizes=(4, 5)), grid=cfg.model.latent_shape,
-        vocab_size=cfg.model.vocab_size), progress=False)
+        codes=SyntheticCodesConfig(num_samples=2048, sizes=(4, 5)), grid=grid, vocab_size=vocab), progress=False)
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "mebt.cli", "train", "--config", "configs/tiny.yaml",
                            f"data.data_dir={tmp_path / 'codes'}", f"train.run_dir={run_dir}", "train.steps=300",
@@ -32,9 +32,10 @@ def test_tiny_config_learns_the_procedural_grids(tmp_path):
     assert records[0]["loss"] > 0.6 * chance and late < 0.4 * chance
     assert main(["export", str(run_dir), str(tmp_path / "model.pt")]) == 0
     model = load_model(tmp_path / "model.pt").eval()
+    assert (model.cfg.latent_shape, model.cfg.vocab_size) == (grid, vocab)   # taken from the dataset
     grids = sample(model, cfg.sampling, 16, generator=torch.Generator().manual_seed(0))
-    grids = grids.view(-1, *cfg.model.latent_shape)
-    assert sum(uses_data_palette(g, cfg.model.vocab_size) for g in grids) / len(grids) >= 0.5
+    grids = grids.view(-1, *grid)
+    assert sum(uses_data_palette(g, vocab) for g in grids) / len(grids) >= 0.5
 
 
 def test_cli_rejects_bad_config_with_one_line(tmp_path, capsys):
