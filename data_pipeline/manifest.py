@@ -15,6 +15,7 @@ Every file here is written under a temporary name and renamed, so concurrent tas
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -111,11 +112,21 @@ def _list_names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _no_clips(out_dir: Path, info: dict, skipped: list[dict]) -> str:
+    """The one line for a dataset whose videos were all left out: where, how many and why."""
+    reasons = Counter(s.get("why", "unreadable or too short") for s in skipped)
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none left out"
+    return (f"split '{info['split']}' of '{info.get('input_dir', out_dir)}' has no usable clips: "
+            f"{info['num_videos']} videos tried, {why}; fix the videos (the warnings name each) or shorten the "
+            f"clips (--sequence-length, --frame-stride), then preprocess into a new output dir")
+
+
 def merge_manifest(out_dir: str | Path) -> dict:
     """Merge every shard's part into manifest.parquet and shards.parquet and complete dataset.json.
 
-    Checks that every expected shard exists, matches its part's size, and that every shard and sample
-    key is listed exactly once; returns the counts written to dataset.json.
+    Checks that every expected shard exists, matches its part's size, that every shard and sample key is
+    listed exactly once and that there is at least one sample (every task's shards are known only here);
+    returns the counts written to dataset.json.
     """
     out_dir = Path(out_dir)
     info = read_dataset_json(out_dir)
@@ -138,6 +149,8 @@ def merge_manifest(out_dir: str | Path) -> dict:
         summaries.append({k: meta[k] for k in SHARD_SCHEMA.names})
         skipped.extend(meta["skipped"])
     manifest = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
+    if manifest.num_rows == 0:
+        raise DatasetError(_no_clips(out_dir, info, skipped))
     keys = manifest.column("key").to_pylist()
     if len(set(keys)) != len(keys):
         raise DatasetError(f"'{out_dir}' lists some sample keys more than once; preprocess into a new directory")

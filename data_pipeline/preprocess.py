@@ -14,7 +14,8 @@ Every clip of a video is kept: starts every ``clip.all_stride`` frames, as ``ite
 
 A shard is finished when its tar (written under a temporary name, then renamed) and its manifest part
 (see ``manifest.py``) both exist; a rerun skips finished shards and removes temporary leftovers of the
-ones it redoes. When every shard is finished the task that notices merges the manifest.
+ones it redoes. When every shard is finished the task that notices merges the manifest; only that merge
+knows the total, so a dataset of 0 clips is refused there (one task's slice may well hold none).
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ class PreprocessConfig:
     split: str = "train"
     prefix: str | None = None             # shard name prefix; default: the split
     clip: ClipConfig = field(default_factory=ClipConfig, metadata={"flags": True})
+    include_gif: bool = False             # take .gif files when scanning a folder (off: they are usually previews)
+    skip_missing: bool = False            # leave out, with a warning, videos a split file lists that do not exist
     videos_per_shard: int = 64
     workers: int = 1                      # encoding processes on this machine
     batch_size: int = 8                   # clips per tokenizer forward pass
@@ -120,6 +123,7 @@ def _grid(cfg: PreprocessConfig, model) -> list[int]:
 class Plan:
     entries: list[VideoEntry]
     settings: dict          # what dataset.json records and a rerun must agree on
+    missing: list[str]      # names the split file lists that do not exist (only with skip_missing)
 
 
 def _videos_sha256(entries: list[VideoEntry], root: Path) -> str:
@@ -136,7 +140,9 @@ def plan(cfg: PreprocessConfig, model) -> Plan:
     """Check the inputs and list the split's videos in their fixed order."""
     root = Path(cfg.input_dir)
     grid = _grid(cfg, model)
-    entries = sorted(list_videos(root, cfg.split), key=lambda e: (e.video_id, str(e.path)))
+    missing: list[str] = []
+    listed = list_videos(root, cfg.split, cfg.include_gif, missing if cfg.skip_missing else None)
+    entries = sorted(listed, key=lambda e: (e.video_id, str(e.path)))
     if not entries:
         raise PreprocessError(f"no videos in split '{cfg.split}' of '{root}' (expected {cfg.split}.txt, a "
                               f"{cfg.split}/ folder or video files)")
@@ -153,7 +159,7 @@ def plan(cfg: PreprocessConfig, model) -> Plan:
         "num_shards": -(-len(entries) // cfg.videos_per_shard),
         "videos_sha256": _videos_sha256(entries, root),
     }
-    return Plan(entries, json.loads(json.dumps(settings)))   # JSON round trip: compares equal to a reread file
+    return Plan(entries, json.loads(json.dumps(settings)), missing)   # JSON round trip: equal to a reread file
 
 
 def prepare_out_dir(out_dir: Path, settings: dict, informational: dict) -> None:
@@ -185,11 +191,11 @@ class ShardMaker:
 
     def _clips(self, entries: list[VideoEntry], skipped: list[dict]) -> Iterator[tuple[VideoEntry, dict]]:
         for entry in entries:
-            failed: list[str] = []   # iter_clips logs why and lists the video here when it skips it
+            failed: list = []   # iter_clips logs why and lists the video here when it skips it
             for clip in iter_clips([entry], self.cfg.clip, failed):
                 yield entry, clip
             if failed:
-                skipped.append({"video_id": entry.video_id, "source": _source(entry, self.root)})
+                skipped.append({"video_id": entry.video_id, "source": _source(entry, self.root), "why": failed[0].why})
 
     def _encode(self, batch: list[dict]):
         video = torch.stack([clip["video"] for clip in batch]).to(self.device)
@@ -292,8 +298,9 @@ def _remove_leftovers(out_dir: Path, shard: str) -> None:
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Make this task's unfinished shards; merge the manifest when every shard is finished.
 
-    Returns counts for this run (shards written / already finished, clips, skipped videos), its seconds
-    and clips/s, and ``merged``: the dataset counts when the manifest was merged, else None.
+    Returns counts for this run (shards written / already finished, clips, skipped videos, listed videos
+    missing), its seconds and clips/s, and ``merged``: the dataset counts when the manifest was merged, else
+    None. The merge refuses a dataset of 0 clips (DatasetError naming the input, the split and why).
     """
     start_time = time.perf_counter()
     if not Path(cfg.input_dir).is_dir():
@@ -303,7 +310,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     num_shards = job_plan.settings["num_shards"]
     prepare_out_dir(out_dir, job_plan.settings,
-                    {"tokenizer": str(cfg.tokenizer), "input_dir": str(Path(cfg.input_dir).resolve())})
+                    {"tokenizer": str(cfg.tokenizer), "input_dir": str(Path(cfg.input_dir).resolve()),
+                     "missing_videos": job_plan.missing})
     mine = [i for i in range(num_shards) if i % cfg.num_tasks == cfg.task_index]
     done = finished_shards(out_dir, [shard_name(cfg.prefix, i) for i in mine])
     per = cfg.videos_per_shard
@@ -326,5 +334,5 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     clips = sum(r["clips"] for r in results)
     return {"task_index": cfg.task_index, "num_tasks": cfg.num_tasks, "shards_total": num_shards,
             "shards_written": len(results), "shards_already_done": len(done), "clips": clips,
-            "skipped_videos": sum(r["skipped_videos"] for r in results), "seconds": seconds,
-            "clips_per_s": clips / seconds if seconds > 0 else 0.0, "merged": merged}
+            "skipped_videos": sum(r["skipped_videos"] for r in results), "missing_videos": len(job_plan.missing),
+            "seconds": seconds, "clips_per_s": clips / seconds if seconds > 0 else 0.0, "merged": merged}

@@ -4,7 +4,7 @@ Verification reads every shard: it must exist, have the size and sha256 the mani
 a tar of complete samples whose keys and order match the manifest, and hold int16 code grids of the
 dataset's shape with every code inside the codebook, next to JSON metadata that matches the manifest
 row. Shards that look like this dataset's but are not in the manifest are reported too. Every bad shard
-gets one line naming it and its problems.
+gets one line naming it and its problems. A dataset of 0 clips fails too: there is nothing to train on.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ class VerifyReport:
     shards_checked: int = 0
     samples_checked: int = 0
     problems: dict[str, list[str]] = field(default_factory=dict)   # shard name -> its problems
+    empty: bool = False                                             # the manifest lists no clips
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.empty
 
     def lines(self) -> list[str]:
         """One line per bad shard: its name and problems."""
@@ -47,6 +48,9 @@ class VerifyReport:
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else f"{len(self.problems)} bad shards"
+        if self.empty:
+            verdict = ("FAILED: the dataset has no clips (dataset.json lists the skipped videos); preprocess usable "
+                       "videos into a new output dir")
         return f"{self.dataset}: {self.shards_checked} shards, {self.samples_checked} samples checked: {verdict}"
 
 
@@ -92,7 +96,7 @@ def verify_dataset(out_dir: str | Path) -> VerifyReport:
     """Check every shard of a merged dataset; the report names each bad shard and its problems."""
     out_dir = Path(out_dir)
     info, manifest, shards = load_tables(out_dir)
-    report = VerifyReport(str(out_dir))
+    report = VerifyReport(str(out_dir), empty=manifest.num_rows == 0)
     rows_by_shard = defaultdict(list)
     for row in manifest.to_pylist():
         rows_by_shard[row["shard"]].append(row)

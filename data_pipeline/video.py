@@ -3,7 +3,9 @@
 A video is either a file PyAV can decode (mp4, webm, avi, mkv, ...) or a folder of frames named
 ``VIDEOID_FRAMENUM.png|jpg`` (the sky-timelapse / taichi layout TATS and MeBT use). A data set root lists
 its videos, relative to the root, one per line in ``train.txt`` / ``test.txt``; without split files the
-``train/`` and ``test/`` sub-folders, or else every video under the root, are used.
+``train/`` and ``test/`` sub-folders, or else every video under the root (both splits then hold every
+video: a warning says so), are used. Scanning a folder takes ``.gif`` files only when asked: they are
+usually previews next to the data, not data.
 
 Clips are returned as float tensors [3, T, res, res] in [-0.5, 0.5] (uint8 / 255 - 0.5), the input
 convention of the TATS VQGAN.
@@ -14,6 +16,7 @@ import functools
 import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, NamedTuple
@@ -27,7 +30,9 @@ from mebt.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
+# Files read_clip decodes. A data set scan takes GIF_EXTENSIONS only with include_gif (see list_videos).
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".gif")
+GIF_EXTENSIONS = (".gif",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Frame folders carry no frame rate; this is only reported in the clip metadata, never used for sampling.
 FRAME_FOLDER_FPS = 25.0
@@ -39,6 +44,17 @@ class VideoReadError(UserError):
     def __init__(self, path, reason: str):
         super().__init__(f"cannot read video '{path}': {reason}")
         self.path = str(path)
+
+
+class SkippedVideo(NamedTuple):
+    path: str
+    why: str                         # "unreadable" or "too short for N frames": counted per reason in summaries
+
+
+def describe_skips(skipped: Iterable[SkippedVideo]) -> str:
+    """'3 too short for 16 frames, 1 unreadable': the skipped videos counted by reason."""
+    counts = Counter(s.why for s in skipped)
+    return ", ".join(f"{n} {why}" for why, n in counts.most_common())
 
 
 class VideoEntry(NamedTuple):
@@ -240,31 +256,58 @@ def _entry(root: Path, path: Path) -> VideoEntry:
     return VideoEntry(str(rel if kind == "frames" else rel.with_suffix("")).replace("\\", "/"), path, kind)
 
 
-def _scan(root: Path, folder: Path) -> list[VideoEntry]:
+def _is_video_file(path: Path, include_gif: bool) -> bool:
+    suffix = path.suffix.lower()
+    return path.is_file() and suffix in VIDEO_EXTENSIONS and (include_gif or suffix not in GIF_EXTENSIONS)
+
+
+def _scan(root: Path, folder: Path, include_gif: bool) -> list[VideoEntry]:
     """Every video file and frame folder under ``folder`` (hidden names, e.g. partial writes, excluded)."""
     found = []
     for path in sorted(folder.rglob("*")):
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
-        if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS or _is_frame_folder(path):
+        if _is_video_file(path, include_gif) or _is_frame_folder(path):
             found.append(_entry(root, path))
     return found
 
 
-def list_videos(root, split: str) -> list[VideoEntry]:
-    """Videos of ``split`` ('train' or 'test'): listed in ``SPLIT.txt``, else under ``SPLIT/``, else all under root."""
+def _listed(root: Path, listing: Path, missing: list | None) -> list[VideoEntry]:
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    absent = [name for name in names if not (root / name).exists()]
+    gone = set(absent)
+    if absent and missing is None:
+        more = f" (and {len(absent) - 1} more listed there)" if len(absent) > 1 else ""
+        raise UserError(f"video '{absent[0]}' listed in '{listing}' does not exist{more}; fix the list, or pass "
+                        "--skip-missing to leave such videos out")
+    for name in absent:
+        log.warning("skipping video '%s' listed in '%s': it does not exist", name, listing)
+        missing.append(name)
+    return [_entry(root, root / name) for name in names if name not in gone]
+
+
+def list_videos(root, split: str, include_gif: bool = False, missing: list | None = None) -> list[VideoEntry]:
+    """Videos of ``split`` ('train' or 'test'): listed in ``SPLIT.txt``, else under ``SPLIT/``, else all under root.
+
+    A split file's names are taken as listed (a listed .gif too). A listed name that does not exist is an
+    error, or, when ``missing`` is a list, a warning and an entry appended to it. Scanned folders give
+    video files and frame folders; ``.gif`` files only with ``include_gif``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"video data set folder '{root}' does not exist")
     listing = root / f"{split}.txt"
     if listing.is_file():
-        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-        return [_entry(root, root / name) for name in names]
+        return _listed(root, listing, missing)
     if (root / split).is_dir():
-        return _scan(root, root / split)
+        return _scan(root, root / split, include_gif)
     if any((root / f"{s}.txt").is_file() or (root / s).is_dir() for s in ("train", "test")):
         raise UserError(f"video data set '{root}' has no '{split}.txt' or '{split}/' for split '{split}'")
-    return _scan(root, root)
+    # Allowed (a quick look at a folder of videos), but a test split made of the training videos is not one.
+    log.warning("video data set '%s' has no train.txt/test.txt or train/ and test/ folders: split '%s' is every "
+                "video in it, so train and test overlap; add train.txt and test.txt (or train/ and test/ folders) "
+                "to hold videos out", root, split)
+    return _scan(root, root, include_gif)
 
 
 def _clip_item(clip: torch.Tensor, entry: VideoEntry, start: int, cfg: ClipConfig, fps: float) -> dict:
@@ -272,16 +315,29 @@ def _clip_item(clip: torch.Tensor, entry: VideoEntry, start: int, cfg: ClipConfi
             "fps": fps, "path": str(entry.path)}
 
 
-def _report_skip(entry: VideoEntry, reason: str, skipped: list) -> None:
+def _report_skip(entry: VideoEntry, reason: str, skipped: list, why: str = "unreadable") -> None:
     log.warning("skipping video '%s': %s", entry.path, reason)
-    skipped.append(str(entry.path))
+    skipped.append(SkippedVideo(str(entry.path), why))
+
+
+def _too_short(entry: VideoEntry, n_frames: int, cfg: ClipConfig, skipped: list) -> None:
+    _report_skip(entry, f"{n_frames} frames, a clip needs {cfg.span}", skipped, f"too short for {cfg.span} frames")
+
+
+def _warn_if_upsampled(entry: VideoEntry, frames, resolution: int) -> None:
+    """Upsampling adds no detail: the tokenizer then learns (and the model generates) blur."""
+    h, w = frames.shape[1:3]
+    if min(h, w) < resolution:
+        log.warning("video '%s' is %dx%d: its short side %d is upsampled %.2fx to %d", entry.path, w, h, min(h, w),
+                    resolution / min(h, w), resolution)
 
 
 def iter_clips(entries: Iterable[VideoEntry], cfg: ClipConfig, skipped: list | None = None) -> Iterator[dict]:
     """Every clip (starts ``cfg.clip_starts``) of every video, decoding and preprocessing each video once.
 
-    Unreadable or too-short videos are logged and appended to ``skipped`` (paths) instead of stopping the
-    stream. Holds one whole video in memory at a time.
+    Unreadable or too-short videos are logged and appended to ``skipped`` (SkippedVideo) instead of stopping
+    the stream; a video smaller than ``cfg.resolution`` is upsampled with a warning. Holds one whole video in
+    memory at a time.
     """
     skipped = [] if skipped is None else skipped
     for entry in entries:
@@ -292,8 +348,9 @@ def iter_clips(entries: Iterable[VideoEntry], cfg: ClipConfig, skipped: list | N
             continue
         starts = cfg.clip_starts(len(frames))
         if not starts:
-            _report_skip(entry, f"{len(frames)} frames, a clip needs {cfg.span}", skipped)
+            _too_short(entry, len(frames), cfg, skipped)
             continue
+        _warn_if_upsampled(entry, frames, cfg.resolution)
         # Frames outside every clip (the tail) are never preprocessed; the rest exactly once.
         video = preprocess_frames(frames[:starts[-1] + cfg.span], cfg.resolution)
         for start in starts:
@@ -307,15 +364,17 @@ class VideoClipDataset(torch.utils.data.Dataset):
     reproducible and ``set_epoch`` gives new clips. ``starts='all'``: one item per (video, start).
     Videos that cannot be read or are too short are logged, listed in ``skipped`` and left out; a video
     that fails only when its clip is decoded is replaced by the next readable one. Each DataLoader worker
-    keeps its own ``skipped`` list.
+    keeps its own ``skipped`` list, and warns once per video it upsamples.
     """
 
-    def __init__(self, root, split: str, cfg: ClipConfig, seed: int = 0, entries: list[VideoEntry] | None = None):
+    def __init__(self, root, split: str, cfg: ClipConfig, seed: int = 0, entries: list[VideoEntry] | None = None,
+                 include_gif: bool = False):
         self.cfg, self.seed, self.epoch = cfg, seed, 0
-        self.skipped: list[str] = []
+        self.skipped: list[SkippedVideo] = []
         self._failed: set[int] = set()  # videos that probed fine but failed to decode later
+        self._upsampling_checked: set[int] = set()
         self.videos: list[tuple[VideoEntry, int]] = []  # (entry, frame count) of every usable video
-        all_entries = list_videos(root, split) if entries is None else entries
+        all_entries = list_videos(root, split, include_gif) if entries is None else entries
         for entry in all_entries:
             try:
                 n_frames, _ = probe_video(entry.path)
@@ -323,12 +382,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 _report_skip(entry, str(e), self.skipped)
                 continue
             if n_frames < cfg.span:
-                _report_skip(entry, f"{n_frames} frames, a clip needs {cfg.span}", self.skipped)
+                _too_short(entry, n_frames, cfg, self.skipped)
                 continue
             self.videos.append((entry, n_frames))
         if not self.videos:
-            raise UserError(f"none of the {len(all_entries)} videos of split '{split}' in '{root}' is usable "
-                            f"({len(self.skipped)} skipped, see the warnings; clips need {cfg.span} frames)")
+            why = f"{describe_skips(self.skipped)}; the warnings name each" if self.skipped else "no videos found"
+            raise UserError(f"none of the {len(all_entries)} videos of split '{split}' in '{root}' is usable ({why})")
         # starts='all': item i is clip (video, start); cumulative counts map an index to its video.
         counts = [len(cfg.clip_starts(n)) if cfg.starts == "all" else 1 for _, n in self.videos]
         self._offsets = np.cumsum([0] + counts)
@@ -362,5 +421,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 self._failed.add(video)
                 _report_skip(entry, str(e), self.skipped)
                 continue
+            if video not in self._upsampling_checked:
+                self._upsampling_checked.add(video)
+                _warn_if_upsampled(entry, frames, self.cfg.resolution)
             return _clip_item(preprocess_frames(frames, self.cfg.resolution), entry, start, self.cfg, fps)
         raise UserError(f"no clip of the {len(self.videos)} videos could be decoded ({len(self.skipped)} skipped)")

@@ -15,12 +15,14 @@ import torch
 
 from benchmarks import preprocess_throughput
 from data_pipeline.manifest import DatasetError, merge_manifest
-from data_pipeline.preprocess import ShardMaker, preprocess
+from data_pipeline.preprocess import PreprocessError, ShardMaker, preprocess
 from data_pipeline.shard_format import read_shard
 from data_pipeline.synthetic_videos import split_indices, video_id
 from data_pipeline.verify import dataset_stats, verify_dataset
 from data_pipeline.video import ClipConfig, iter_clips, list_videos
+from mebt.cli import main
 from mebt.errors import ConfigError, UserError
+from mebt.media import write_gif, write_mp4
 from mebt.tokenizer.checkpoint import load_tokenizer, save_tokenizer, tokenizer_sha256
 from tests.helpers.preprocess import CLIP, GRID, N_CODES, SYNTH, make_config, tiny_tokenizer
 
@@ -45,6 +47,7 @@ def test_end_to_end_counts_metadata_verify_and_stats(data, reference):
     out, result = reference.out, reference.result
     assert [p.name for p in shard_paths(out)] == [f"train-{i:06d}.tar" for i in range(4)]
     assert result["clips"] == 14 and result["shards_written"] == 4 and result["skipped_videos"] == 1
+    assert result["missing_videos"] == 0
     assert result["clips_per_s"] > 0 and result["merged"]["clips"] == 14
 
     info = json.loads((out / "dataset.json").read_text())
@@ -54,7 +57,8 @@ def test_end_to_end_counts_metadata_verify_and_stats(data, reference):
     assert info["clip"] == dataclasses.asdict(CLIP) and info["split"] == "train" and info["prefix"] == "train"
     assert info["counts"] == {"videos_listed": 8, "videos": 7, "clips": 14, "shards": 4, "skipped_videos": 1,
                               "bytes": sum(p.stat().st_size for p in shard_paths(out))}
-    assert info["skipped_videos"] == [{"video_id": "broken", "source": "broken.mp4"}]
+    assert info["skipped_videos"] == [{"video_id": "broken", "source": "broken.mp4", "why": "unreadable"}]
+    assert info["missing_videos"] == []
 
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(manifest) == 14
@@ -173,11 +177,20 @@ def _empty_split(tmp_path) -> Path:
     return tmp_path / "empty"
 
 
+def _listing_a_missing_video(tmp_path) -> Path:
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "train.txt").write_text("gone.mp4\n")
+    return tmp_path / "listed"
+
+
 BAD_INPUTS = {
     "missing input dir": (lambda r, t: {"input_dir": str(t / "nowhere")}, r"input dir '.*nowhere' does not exist"),
     "missing tokenizer": (lambda r, t: {"tokenizer": str(t / "none.pt")},
                           r"tokenizer checkpoint '.*none.pt' does not exist"),
     "no videos": (lambda r, t: {"input_dir": str(_empty_split(t))}, r"no videos in split 'train' of '.*empty'"),
+    "missing listed video": (lambda r, t: {"input_dir": str(_listing_a_missing_video(t))},
+                             r"video 'gone.mp4' listed in '.*listed/train.txt' does not exist; fix the list, or pass "
+                             r"--skip-missing"),
     "resolution": (lambda r, t: {"clip": ClipConfig(sequence_length=4, resolution=18)},
                    r"clip resolution 18 is not divisible by the tokenizer's spatial downsampling 4x4"),
     "sequence length": (lambda r, t: {"clip": ClipConfig(sequence_length=3, resolution=16)},
@@ -225,3 +238,80 @@ def test_resume_refuses_a_changed_video_list(data, reference, tmp_path):
     with pytest.raises(DatasetError, match=r"num_videos \(saved 8, now 7\), videos_sha256 \(saved \w+\.\.\."):
         preprocess(make_config(data, out, input_dir=str(videos)))
     assert os.listdir(out) == os.listdir(reference.out)
+
+
+def _cli_args(videos, out, tokenizer, *extra) -> list[str]:
+    # The clip settings of CLIP (the CLI's clip stride defaults to the clip length, 4).
+    return ["preprocess", str(videos), "--out", str(out), "--tokenizer", str(tokenizer), "--sequence-length", "4",
+            "--resolution", "16", "--videos-per-shard", "2", "--no-progress", *extra]
+
+
+def _unusable_videos(folder: Path) -> Path:
+    """3 videos too short for a clip of 4 frames and 1 unreadable one, all listed for training."""
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_mp4(np.zeros((2, 32, 32, 3), np.uint8), folder / f"{name}.mp4", fps=8)
+    (folder / "d.mp4").write_bytes(b"not a video")
+    (folder / "train.txt").write_text("a.mp4\nb.mp4\nc.mp4\nd.mp4\n")
+    (folder / "test.txt").write_text("")
+    return folder
+
+
+def test_no_usable_clips_is_an_error_and_nothing_is_complete(data, tmp_path, capsys):
+    videos, out = _unusable_videos(tmp_path / "videos"), tmp_path / "codes"
+    expected = (f"split 'train' of '{videos.resolve()}' has no usable clips: 4 videos tried, 3 too short for 4 "
+                "frames, 1 unreadable; fix the videos")
+    capsys.readouterr()
+    assert main(_cli_args(videos, out, data.tokenizer)) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mebt: error:")]
+    assert len(errors) == 1 and expected in errors[0]
+    assert json.loads((out / "dataset.json").read_text())["complete"] is False
+    assert not (out / "manifest.parquet").exists() and not (out / "shards.parquet").exists()
+    with pytest.raises(DatasetError, match="no usable clips: 4 videos tried"):   # `mebt data merge` agrees
+        merge_manifest(out)
+
+    # In a SLURM array only the task that merges knows the total: the others finish normally.
+    out = tmp_path / "codes_two_tasks"
+    assert preprocess(make_config(data, out, input_dir=str(videos), task_index=1, num_tasks=2))["merged"] is None
+    with pytest.raises(DatasetError, match="no usable clips: 4 videos tried, 3 too short for 4 frames, 1 unreadable"):
+        preprocess(make_config(data, out, input_dir=str(videos), task_index=0, num_tasks=2))
+    assert json.loads((out / "dataset.json").read_text())["complete"] is False
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_task_whose_own_slice_has_no_clips_is_fine(order, data, tmp_path):
+    # One video per shard: shard 0 (task 0) holds the short video, shard 1 (task 1) the 2 clips of the other.
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(np.zeros((2, 32, 32, 3), np.uint8), videos / "a.mp4", fps=8)
+    write_mp4(np.zeros((8, 32, 32, 3), np.uint8), videos / "b.mp4", fps=8)
+    (videos / "train.txt").write_text("a.mp4\nb.mp4\n")
+    results = {task: preprocess(make_config(data, tmp_path / "codes", input_dir=str(videos), videos_per_shard=1,
+                                            task_index=task, num_tasks=2)) for task in order}
+    assert results[0]["clips"] == 0 and results[1]["clips"] == 2
+    assert results[order[0]]["merged"] is None and results[order[1]]["merged"]["clips"] == 2
+
+
+def test_skip_missing_leaves_out_and_counts_missing_listed_videos(data, reference, tmp_path, capsys, caplog):
+    videos, out = tmp_path / "videos", tmp_path / "codes"
+    shutil.copytree(data.videos, videos)
+    with open(videos / "train.txt", "a") as f:
+        f.write("gone.mp4\n")
+    capsys.readouterr()
+    assert main(_cli_args(videos, out, data.tokenizer, "--skip-missing")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["missing_videos"] == 1 and result["clips"] == 14
+    assert "skipping video 'gone.mp4' listed in" in caplog.text
+    assert json.loads((out / "dataset.json").read_text())["missing_videos"] == ["gone.mp4"]
+    assert pq.read_table(out / "manifest.parquet").equals(pq.read_table(reference.out / "manifest.parquet"))
+
+
+def test_gif_files_are_videos_only_when_asked(data, tmp_path, capsys):
+    videos = tmp_path / "videos"   # no split files: every video under the folder
+    videos.mkdir()
+    write_gif(np.zeros((4, 32, 32, 3), np.uint8), videos / "preview.gif")
+    with pytest.raises(PreprocessError, match="no videos in split 'train'"):
+        preprocess(make_config(data, tmp_path / "without", input_dir=str(videos)))
+    capsys.readouterr()
+    assert main(_cli_args(videos, tmp_path / "with", data.tokenizer, "--include-gif")) == 0
+    assert json.loads(capsys.readouterr().out)["clips"] == 1

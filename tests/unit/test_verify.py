@@ -8,12 +8,24 @@ import tarfile
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.manifest import DatasetError
-from data_pipeline.preprocess import preprocess
+from data_pipeline.manifest import (
+    MANIFEST,
+    SAMPLE_SCHEMA,
+    SHARD_SCHEMA,
+    SHARDS,
+    DatasetError,
+    part_path,
+    read_part,
+    write_dataset_json,
+)
+from data_pipeline.preprocess import preprocess, write_code_shard
 from data_pipeline.shard_format import ShardWriter, read_shard
 from data_pipeline.verify import dataset_stats, format_stats, verify_dataset
+from mebt.cli import main
 from tests.helpers.preprocess import GRID, N_CODES, make_config
 
 
@@ -106,6 +118,26 @@ def test_verify_flags_metadata_that_disagrees_with_the_manifest(copy):
             writer.write(key, grid, {**meta, "start": meta["start"] + 1})
     lines = verify_dataset(copy).lines()
     assert len(lines) == 1 and lines[0].startswith("train-000006.tar: sample 'train-000006-000000': json fields start")
+
+
+def test_a_dataset_of_no_clips_fails(tmp_path, capsys):
+    # What preprocessing wrote before it refused to merge 0 clips: a complete dataset of empty shards.
+    out = tmp_path / "empty"
+    out.mkdir()
+    write_code_shard(out, "train-000000.tar", [], GRID, [{"video_id": "a", "source": "a.mp4"}])
+    write_dataset_json(out, {"prefix": "train", "split": "train", "num_shards": 1, "grid": GRID,
+                             "codebook_size": N_CODES, "complete": True})
+    _, meta = read_part(part_path(out, "train-000000.tar"))
+    pq.write_table(SAMPLE_SCHEMA.empty_table(), out / MANIFEST)
+    pq.write_table(pa.Table.from_pylist([{k: meta[k] for k in SHARD_SCHEMA.names}], schema=SHARD_SCHEMA), out / SHARDS)
+
+    report = verify_dataset(out)
+    assert not report.ok and report.lines() == [] and report.shards_checked == 1
+    assert main(["data", "verify", str(out)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].endswith("0 samples checked: FAILED: the dataset has no clips "
+                                                     "(dataset.json lists the skipped videos); preprocess usable "
+                                                     "videos into a new output dir")
 
 
 def test_verify_refuses_an_unmerged_dataset(copy):

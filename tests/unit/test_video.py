@@ -99,6 +99,62 @@ def test_list_videos_without_split_files(tmp_path):
     assert [e.video_id for e in list_videos(tmp_path, "train")] == ["a", "sub/b"]
 
 
+def test_scans_take_gif_only_when_asked(tmp_path):
+    # A .gif next to the videos is usually a preview; frame folders are videos.
+    write_mp4(counting_frames(2), tmp_path / "a.mp4", fps=5)
+    (tmp_path / "preview.gif").write_bytes(b"GIF89a")
+    (tmp_path / "frames").mkdir()
+    write_png(tmp_path / "frames" / "frames_1.png", counting_frames(1, size=8)[0])
+    assert [(e.video_id, e.kind) for e in list_videos(tmp_path, "train")] == [("a", "file"), ("frames", "frames")]
+    assert [e.video_id for e in list_videos(tmp_path, "train", include_gif=True)] == ["a", "frames", "preview"]
+    (tmp_path / "train").mkdir()   # a split folder is scanned the same way
+    (tmp_path / "preview.gif").rename(tmp_path / "train" / "preview.gif")
+    assert list_videos(tmp_path, "train") == []
+    assert [e.video_id for e in list_videos(tmp_path, "train", include_gif=True)] == ["train/preview"]
+
+
+def test_a_missing_listed_video_is_an_error_unless_skipped(video_root, caplog):
+    (video_root / "train.txt").write_text("long.mp4\ngone.mp4\nshort.mp4\nlost.mp4\n")
+    with pytest.raises(UserError, match=r"^video 'gone.mp4' listed in '.*train.txt' does not exist \(and 1 more "
+                                        r"listed there\); fix the list, or pass --skip-missing") as caught:
+        list_videos(video_root, "train")
+    assert "\n" not in str(caught.value)
+    missing = []
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
+        entries = list_videos(video_root, "train", missing=missing)
+    assert [e.video_id for e in entries] == ["long", "short"] and missing == ["gone.mp4", "lost.mp4"]
+    assert "skipping video 'gone.mp4' listed in" in caplog.text and "'lost.mp4'" in caplog.text
+
+
+def test_without_split_files_the_overlap_is_a_warning(tmp_path, caplog):
+    write_mp4(counting_frames(2), tmp_path / "a.mp4", fps=5)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
+        assert list_videos(tmp_path, "train") == list_videos(tmp_path, "test")
+    assert caplog.text.count("train and test overlap; add train.txt and test.txt (or train/ and test/ folders)") == 2
+    caplog.clear()
+    (tmp_path / "train.txt").write_text("a.mp4\n")
+    (tmp_path / "test.txt").write_text("")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
+        list_videos(tmp_path, "train")
+    assert caplog.text == ""
+
+
+def test_upsampling_warns_once_per_video_with_the_factor(tmp_path, caplog):
+    write_mp4(np.zeros((12, 18, 32, 3), np.uint8), tmp_path / "small.mp4", fps=10)
+    write_mp4(counting_frames(12, size=64), tmp_path / "big.mp4", fps=10)
+    (tmp_path / "train.txt").write_text("small.mp4\nbig.mp4\n")
+    cfg = ClipConfig(sequence_length=4, resolution=32, starts="all", all_stride=4)   # 3 clips per video
+    expected = "small.mp4' is 32x18: its short side 18 is upsampled 1.78x to 32"
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
+        assert len(list(iter_clips(list_videos(tmp_path, "train"), cfg))) == 6
+    assert caplog.text.count("upsampled") == 1 and expected in caplog.text
+    caplog.clear()
+    ds = VideoClipDataset(tmp_path, "train", cfg)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
+        assert [ds[i]["video"].shape[-1] for i in range(len(ds))] == [32] * 6
+    assert caplog.text.count("upsampled") == 1 and expected in caplog.text
+
+
 def test_list_videos_split_folders(tmp_path):
     (tmp_path / "train").mkdir()
     write_mp4(counting_frames(2), tmp_path / "train" / "a.mp4", fps=5)
@@ -187,7 +243,8 @@ def test_bad_videos_are_skipped_counted_and_named(video_root, caplog):
     cfg = ClipConfig(sequence_length=5, resolution=8, starts="all", all_stride=4)
     with caplog.at_level(logging.WARNING, logger="data_pipeline.video"):
         ds = VideoClipDataset(video_root, "train", cfg)
-    assert sorted(p.rsplit("/", 1)[-1] for p in ds.skipped) == ["corrupt.mp4", "tiny.mp4"]
+    assert sorted((s.path.rsplit("/", 1)[-1], s.why) for s in ds.skipped) == \
+        [("corrupt.mp4", "unreadable"), ("tiny.mp4", "too short for 5 frames")]
     assert "corrupt.mp4" in caplog.text and "tiny.mp4" in caplog.text and "a clip needs 5" in caplog.text
     assert len(ds) == 4 + 2 and {ds[i]["video_id"] for i in range(len(ds))} == {"long", "short"}
 
@@ -195,7 +252,7 @@ def test_bad_videos_are_skipped_counted_and_named(video_root, caplog):
 def test_all_bad_videos_raise(tmp_path):
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video")
     write_mp4(counting_frames(2), tmp_path / "tiny.mp4", fps=10)
-    with pytest.raises(UserError, match="none of the 2 videos of split 'train'"):
+    with pytest.raises(UserError, match=r"none of the 2 videos of split 'train' .*\(1 unreadable, 1 too short for 4 "):
         VideoClipDataset(tmp_path, "train", ClipConfig(sequence_length=4))
 
 
@@ -210,7 +267,7 @@ def test_decode_failure_at_access_falls_back_to_another_video(video_root, monkey
     monkeypatch.setattr(video_mod, "read_clip", failing_read_clip)
     ds = VideoClipDataset(video_root, "train", ClipConfig(sequence_length=3, resolution=8))
     assert ds[0]["video_id"] == "short" and ds[1]["video_id"] == "short"
-    assert len(ds.skipped) == 1 and ds.skipped[0].endswith("long.mp4")
+    assert len(ds.skipped) == 1 and ds.skipped[0].path.endswith("long.mp4")
 
 
 def test_iter_clips_matches_the_all_starts_dataset(video_root):
@@ -220,7 +277,7 @@ def test_iter_clips_matches_the_all_starts_dataset(video_root):
     skipped = []
     streamed = list(iter_clips(entries, cfg, skipped))
     ds = VideoClipDataset(video_root, "train", cfg)
-    assert len(streamed) == len(ds) and len(skipped) == 1 and skipped[0].endswith("corrupt.mp4")
+    assert len(streamed) == len(ds) and len(skipped) == 1 and skipped[0].path.endswith("corrupt.mp4")
     for got, want in zip(streamed, (ds[i] for i in range(len(ds)))):
         assert (got["video_id"], got["start"], got["fps"]) == (want["video_id"], want["start"], want["fps"])
         assert torch.allclose(got["video"], want["video"], atol=1e-5)
