@@ -21,11 +21,12 @@ ifeq ($(origin PYTHON),undefined)
   endif
 endif
 PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: install demo test test-unit bench clean
 
-# Installs only what is missing: the venv (when make owns one), torch first (CPU build from local disk on
-# CPU machines), then the package.
+# Installs only what is missing: the venv (when make owns one), torch first (a CPU build on machines without
+# an NVIDIA driver, see mebt/torch_install.py; TORCH_INDEX=URL or pypi to choose), then the package.
 install:
 ifdef BASE_PYTHON
 	@# A venv without a working python or pip (interrupted creation, its base python gone) is made again.
@@ -33,7 +34,8 @@ ifdef BASE_PYTHON
 		rm -rf "$(VENV)" && $(BASE_PYTHON) -m venv "$(VENV)" && $(PYTHON) -c "import pip" \
 		|| { rm -rf "$(VENV)"; echo "make: could not create $(VENV) with $(BASE_PYTHON) -m venv (Debian/Ubuntu: apt-get install python3-venv; or make PYTHON=/path/to/python)" >&2; exit 1; }; }
 endif
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	@# A torch build that fits the machine (mebt/torch_install.py: CPU build without an NVIDIA driver).
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $$($(PYTHON) mebt/torch_install.py $(TORCH_VERSION))
 	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, omegaconf, matplotlib, pathlib, sys; \
 		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" >/dev/null 2>&1 \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
