@@ -310,7 +310,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     num_shards = job_plan.settings["num_shards"]
     prepare_out_dir(out_dir, job_plan.settings,
-                    {"tokenizer": str(cfg.tokenizer), "input_dir": str(Path(cfg.input_dir).resolve()),
+                    {"tokenizer": str(Path(cfg.tokenizer).resolve()), "input_dir": str(Path(cfg.input_dir).resolve()),
                      "missing_videos": job_plan.missing})
     mine = [i for i in range(num_shards) if i % cfg.num_tasks == cfg.task_index]
     done = finished_shards(out_dir, [shard_name(cfg.prefix, i) for i in mine])

@@ -56,16 +56,24 @@ def launch_local(cfg: RunConfig, nproc: int, grace_s: float = 30.0) -> int:
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "mebt.train", "--config", str(path)],
                               env=worker_env(rank, nproc, port)) for rank in range(nproc)]
-    previous = {s: signal.signal(s, lambda signum, _: [p.send_signal(signum) for p in procs if p.poll() is None])
-                for s in FORWARDED}
+    forwarded = set()
+
+    def forward(signum, _):
+        forwarded.add(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         failed_at = None
         while any(p.poll() is None for p in procs):
             bad = [p for p in procs if p.returncode not in (None, 0, REQUEUE_EXIT_CODE)]
             if bad and failed_at is None:
                 failed_at = time.monotonic()
-                print(f"mebt launch: process {procs.index(bad[0])} exited with {bad[0].returncode}; stopping the "
-                      "others", file=sys.stderr)
+                if signal.SIGINT not in forwarded:   # after Ctrl-C, rank 0 has said what happened
+                    print(f"mebt launch: process {procs.index(bad[0])} exited with {bad[0].returncode}; stopping "
+                          "the others", file=sys.stderr)
                 for p in procs:
                     if p.poll() is None:
                         p.terminate()

@@ -14,7 +14,7 @@ import importlib
 import json
 import sys
 
-from mebt.errors import UserError
+from mebt.errors import Interrupted, UserError
 from mebt.flags import Command, add_command, build_config, format_config, parse_args
 from mebt.logs import default_level, setup_logging
 
@@ -29,14 +29,13 @@ BENCHMARKS = {
 # --- what each command does with its config -----------------------------------------------------------------
 
 def run_train(cfg) -> int:
-    from mebt.train.loop import REQUEUE_EXIT_CODE, train
+    from mebt.train.loop import REQUEUE_EXIT_CODE, interrupted_line, train
 
-    result = train(cfg)
-    if result["preempted"]:
-        print(f"mebt: stopped by {result['preempted']} at step {result['step']} after a checkpoint; rerun the same "
-              f"command to resume (exit code {REQUEUE_EXIT_CODE} asks a launcher to requeue)", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    return 0
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_line(cfg.train.run_dir)) from None
+    return REQUEUE_EXIT_CODE if result["preempted"] else 0
 
 
 def run_launch_local(job) -> int:
@@ -108,8 +107,6 @@ def run_runs_list(cfg) -> None:
 def run_runs_compare(cfg) -> None:
     from mebt.eval.runs import compare_runs
 
-    if not cfg.experiment:
-        raise UserError("mebt runs compare needs --experiment NAME")
     result = compare_runs(cfg.tracking_uri, cfg.experiment, cfg.metric, cfg.filter, cfg.max_runs, cfg.plot)
     print(result["table"])
     if result["plot"]:
@@ -199,17 +196,25 @@ def run_data_stats(cfg) -> None:
 # --- command-specific defaults, applied to the merged settings before the dataclass is built --------------
 
 def _eval_defaults(data: dict) -> dict:
-    """--preset NAME: the published sampling settings under the user's sampling.KEY=VALUE overrides."""
+    """Sampling: the run's own section unless overridden (evaluate() reads it when nothing is given);
+    sampling.KEY=VALUE go on top of the run's section, or of a published preset with --preset NAME."""
+    config = data.setdefault("config", {})
     if data.get("preset"):
-        data.setdefault("config", {}).setdefault("sampling", {}).setdefault("preset", data["preset"])
+        config.setdefault("sampling", {}).setdefault("preset", data["preset"])
+    elif config.get("sampling"):
+        from mebt.eval.evaluate import run_sampling
+
+        base = run_sampling(config.get("checkpoint") or data.get("watch") or "")
+        if base:
+            config["sampling"] = {**base, **config["sampling"]}
     return data
 
 
 def _train_defaults(data: dict) -> dict:
-    """The model's code grid and vocabulary from the dataset unless the config sets them."""
-    from mebt.train.config import shape_from_dataset
+    """The model's code grid and vocabulary, and the tokenizer, from the dataset unless the config sets them."""
+    from mebt.train.config import defaults_from_dataset
 
-    return shape_from_dataset(data)
+    return defaults_from_dataset(data)
 
 
 def _preprocess_defaults(data: dict) -> dict:
@@ -380,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mebt: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if str(e):
+            print(e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:   # every long job keeps what it finished (shards, batches, features, stages)
+        print("mebt: interrupted; finished work is kept: run the same command to resume", file=sys.stderr)
+        return 130   # 128 + SIGINT, as a shell reports it
 
 
 def console_main() -> None:

@@ -44,7 +44,7 @@ class StatusConfig:
 @dataclass
 class RunsConfig:
     tracking_uri: Optional[str] = None   # MLflow URI (http://..., sqlite:///...) or a run dir
-    experiment: Optional[str] = None     # experiment name (compare: required)
+    experiment: Optional[str] = None     # experiment name (compare: default, the only one with runs)
     filter: Optional[str] = None         # MLflow search filter, e.g. "params.`optim.lr` = '0.001'"
     max_runs: int = 100
     metric: list[str] = field(default_factory=lambda: ["train/loss"])   # metrics to compare (several allowed)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mebt.config import load_config, refuse_changed_settings, to_dict
-from mebt.errors import UserError
+from mebt.errors import Interrupted, UserError
 from mebt.fsutil import write_json, write_text
 from mebt.logs import ensure_logging
 
@@ -152,7 +152,7 @@ class Demo:
 
         from launchers.local import launch_local
         from mebt.train.config import RunConfig
-        from mebt.train.loop import train
+        from mebt.train.loop import REQUEUE_EXIT_CODE, train
 
         c = self.cfg
         cfg = load_config(RunConfig, MEBT_CONFIG, [
@@ -160,14 +160,18 @@ class Demo:
             f"data.data_dir={self.out / 'codes'}", f"data.batch_size={4 if c.quick else max(1, 32 // c.nproc)}",
             f"train.steps={c.mebt_steps}", f"train.log_every={max(1, min(50, c.mebt_steps // 4))}",
             f"train.ckpt_every={max(1, c.mebt_steps // 3)}", f"train.tokenizer={tokenizer['tokenizer']}",
-            f"train.seed={c.seed}", f"train.run_dir={self.out / 'mebt'}"])
+            f"train.seed={c.seed}", f"train.run_dir={self.out / 'mebt'}",
+            # Its own store, not the working directory's: the demo is self-contained (artifacts in mebt/mlruns).
+            f"mlflow.tracking_uri=sqlite:///{(self.out / 'mebt' / 'mlflow.db').resolve()}"])
         write_text(self.out / "mebt_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))   # for the record
         if c.nproc > 1:
             code = launch_local(cfg, c.nproc)
             if code:
+                if code in (REQUEUE_EXIT_CODE, 130):   # Ctrl-C: rank 0 has said what was saved and how to resume
+                    raise Interrupted("", code)
                 raise UserError(f"demo training exited with {code}; run `mebt demo` again to resume it")
-        else:
-            train(cfg)
+        elif train(cfg)["preempted"]:
+            raise Interrupted("", REQUEUE_EXIT_CODE)
         records = [json.loads(line) for line in (self.out / "mebt" / "metrics.jsonl").read_text().splitlines()]
         return {"run_dir": str(self.out / "mebt"), "processes": c.nproc, "final_loss": round(records[-1]["loss"], 4),
                 "final_acc1": round(records[-1]["acc1"], 4), "clips_per_s": round(records[-1]["samples_per_s"], 1)}
@@ -221,8 +225,8 @@ class Demo:
           same for every set): comparable between demo runs, not with published FVD16.
         """
         from data_pipeline.video import ClipConfig, VideoClipDataset
-        from mebt.core.objective import masked_loss
         from mebt.core.sampling import sample
+        from mebt.eval.code_metrics import code_tv, masked_prediction
         from mebt.eval.evaluate import load_for_eval, log_to_mlflow
         from mebt.eval.fvd import fvd, kvd
         from mebt.eval.i3d import i3d_features
@@ -242,22 +246,16 @@ class Demo:
         g = torch.Generator().manual_seed(self.cfg.seed + 1)
         with torch.no_grad():
             codes = {split: tokenizer.encode(v).flatten(1) for split, v in videos.items()}
-            length = codes["test"].shape[1]
-            order = torch.rand(n, length, generator=g).argsort(1)   # half of every clip masked, seeded
-            ctx, tgt = order[:, :length // 2], order[:, length // 2:]
-            loss, acc = masked_loss(model(codes["test"], ctx, tgt), codes["test"], tgt)
+            loss, acc1 = masked_prediction(model, codes["test"], g)
             generated = sample(model, demo_sampling(), n, generator=g, progress=True)
             shape = model.cfg.latent_shape
             videos["generated"] = tokenizer.decode(generated.view(n, *shape))
             videos["reconstructions"] = tokenizer.decode(codes["train"].view(n, *shape))
 
-        def code_tv(a, b):
-            pa, pb = (torch.bincount(x.flatten(), minlength=model.cfg.vocab_size).double() / x.numel() for x in (a, b))
-            return round(0.5 * (pa - pb).abs().sum().item(), 4)
-
-        metrics = {"heldout_loss": round(loss.item(), 4), "heldout_acc1": round(acc["acc1"], 4),
-                   "code_tv": code_tv(generated, codes["test"]),
-                   "code_tv_train_clips": code_tv(codes["train"], codes["test"])}
+        vocab = model.cfg.vocab_size
+        metrics = {"heldout_loss": round(loss, 4), "heldout_acc1": round(acc1, 4),
+                   "code_tv": round(code_tv(generated, codes["test"], vocab), 4),
+                   "code_tv_train_clips": round(code_tv(codes["train"], codes["test"], vocab), 4)}
         repeat = -(-16 // self.cfg.clip_frames)
         features = {name: i3d_features(i3d, np.repeat(to_uint8(v), repeat, axis=1), desc=f"I3D features ({name})")
                     for name, v in videos.items()}
@@ -268,10 +266,12 @@ class Demo:
                   "fvd": f"I3D ({i3d.network['network']}, {i3d.network['numerics']} numerics) on {n} clips per set "
                          f"vs {n} held-out clips, every frame shown {repeat}x ({self.cfg.clip_frames} -> "
                          f"{self.cfg.clip_frames * repeat} frames), float64 protocol"}
-        result["mlflow"] = log_to_mlflow(info, {"metrics": metrics}, []) or f"logged to run {info['mlflow_run_id']}"
+        result["mlflow"] = log_to_mlflow(info, {"metrics": metrics}, [])[1]
         return result
 
     def run(self) -> dict:
+        from mebt.train.tracking import recorded_tracking_uri
+
         ensure_logging()   # the stage messages are log records
         self.out.mkdir(parents=True, exist_ok=True)
         self.stage("videos", self.videos)
@@ -296,5 +296,5 @@ class Demo:
               "tokenizer)")
         print(f"  ({stages['eval']['fvd']})")
         print(f"  grid (real / conditional / unconditional): {stages['samples']['grid'][0]}")
-        print(f"  MLflow UI: mlflow ui --backend-store-uri sqlite:///{Path(trained['run_dir']).resolve()}/mlflow.db")
+        print(f"  MLflow UI: mlflow ui --backend-store-uri {recorded_tracking_uri(trained['run_dir'])}")
         return self.record

@@ -8,7 +8,9 @@ goes on the root logger, so other libraries' warnings get the same prefix; mebt'
 chosen level, everything else at WARNING. Ranks above 0 show only warnings and errors unless the level is
 DEBUG (N processes saying the same thing is noise, as in torchtitan and DeepSpeed). Records are written
 with ``tqdm.write``, which clears the progress bars on the terminal and redraws them below the line, so the
-two never share a line. Stdout is left to command results (JSON, tables, summaries) that scripts parse.
+two never share a line; ``warnings.warn`` goes the same way (one line: category and message, plus the
+file for other libraries' warnings). Stdout is left to command results (JSON, tables, summaries) that
+scripts parse.
 
 The level is exported as ``MEBT_LOG_LEVEL``: processes this one starts (the workers of `mebt launch
 local`, SLURM tasks, spawned preprocessing workers) read it through ``default_level``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from tqdm import tqdm
 
@@ -66,6 +69,12 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` as one log record: a bare write to stderr would glue to a progress bar."""
+    where = "" if any(f"/{p}/" in filename for p in PACKAGES) else f" ({filename}:{lineno})"
+    logging.getLogger("py.warnings").warning(f"{category.__name__}: {message}{where}")
+
+
 def _handler() -> TqdmHandler | None:
     return next((h for h in logging.getLogger().handlers if isinstance(h, TqdmHandler)), None)
 
@@ -94,7 +103,20 @@ def setup_logging(level: str = "INFO", rank: int | None = None) -> None:
     logging.getLogger().setLevel(max(numeric, logging.WARNING))
     for package in PACKAGES:
         logging.getLogger(package).setLevel(numeric)
+    warnings.showwarning = _show_warning
     os.environ[LEVEL_ENV] = name
+
+
+def adopt_library_logger(name: str, env_level: str | None = None) -> None:
+    """Send a library that installs its own stderr handler (mlflow) through this module's handler, at
+    WARNING unless its own ``env_level`` variable chose a level: its lines get the rank prefix and never
+    glue to a progress bar. Does nothing when logging is not set up here (mebt used as a library)."""
+    if _handler() is None:
+        return
+    logger = logging.getLogger(name)
+    logger.handlers, logger.propagate = [], True
+    if not (env_level and os.environ.get(env_level)):
+        logger.setLevel(logging.WARNING)
 
 
 def ensure_logging(rank: int | None = None) -> None:

@@ -285,16 +285,17 @@ def _given_state(model, batch_size: int, given_codes, given_mask):
 @torch.no_grad()
 def sample(model: nn.Module, cfg: SamplingConfig, batch_size: int, *, given_codes: Optional[torch.Tensor] = None,
            given_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, desc: str = "sampling", leave: bool = True) -> torch.Tensor:
     """Generate ``batch_size`` code grids [B, N] (long) with ``model(codes, ctx_idx, tgt_idx, rows) -> logits``.
 
     given_codes [B, N] and given_mask [B, N] or [N] (bool) fix some positions (e.g. the first frames); they
     are returned unchanged. All randomness comes from ``generator`` (on the codes' device) when given.
+    ``progress`` shows a bar of forward passes named ``desc`` (kept when done if ``leave``).
     """
     codes, known = _given_state(model, batch_size, given_codes, given_mask)
     n_free = codes.shape[1] - int(known[0].sum())
     total = num_forward_passes(cfg, n_free)
-    with tqdm(total=total, disable=not progress, desc="sampling", unit="pass") as bar:
+    with tqdm(total=total, disable=not progress, desc=desc, unit="pass", leave=leave) as bar:
         state = _Sampler(model, cfg, codes, known, generator, bar)
         if cfg.draft == "maskgit":
             if cfg.bootstrap:  # single random positions, one per pass, so the schedule starts from some context

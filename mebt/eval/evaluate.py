@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mebt.config import from_dict
 from mebt.core.model_file import load_model_with_extras
 from mebt.core.sampling import SamplingConfig, sample
 from mebt.errors import ConfigError, UserError, first_line
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     checkpoint: str = ""                   # model file, run dir, checkpoints dir or checkpoints/global_stepN
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig | None = None   # default: the run's sampling section (else the defaults)
     out_dir: str | None = field(default=None, metadata={"flag": "out"})   # default: RUN_DIR/eval/global_stepN, or MODEL.eval/
     tokenizer: str | None = None           # default: the run config's train.tokenizer
     protocol: Literal["float64", "tats", "mebt_16f", "mebt_128f"] = "float64"   # FVD protocol (mebt.eval.protocols)
@@ -59,6 +60,7 @@ class EvalConfig:
     grid_samples: int = 8
     device: str = "auto"
     log_mlflow: bool = field(default=True, metadata={"flag": "mlflow"})   # log eval/* into the training's MLflow run
+    fvd: bool = True                       # FVD/KVD with I3D (with --real-dir); --no-fvd: the code metrics only
 
     def __post_init__(self):
         for key in ("batch_size", "num_shards", "grid_samples"):
@@ -90,7 +92,8 @@ def load_for_eval(checkpoint: str | Path):
         return model, {"step": extras.get("step", 0),
                        "config": json.loads(extras["run_config"]) if "run_config" in extras else None,
                        "run_dir": source.parent.parent if source else None,
-                       "mlflow_run_id": extras.get("mlflow_run_id"), "tag": extras.get("tag", path.stem)}
+                       "mlflow_run_id": extras.get("mlflow_run_id"), "tag": extras.get("tag", path.stem),
+                       "mlflow_tracking_uri": extras.get("mlflow_tracking_uri")}
     from mebt.train.checkpoint import consolidated_model
 
     model, meta, tag_dir = consolidated_model(path)
@@ -119,7 +122,7 @@ def _batch_file(out: Path, j: int) -> Path:
     return out / f"batch_{j:05d}.npz"
 
 
-def sample_batches(model, tokenizer, cfg: EvalConfig, out: Path, device) -> None:
+def sample_batches(model, tokenizer, cfg: EvalConfig, sampling: SamplingConfig, out: Path, device) -> None:
     """This process's batches as ``samples/batch_J.npz`` (codes + uint8 video), skipping finished ones.
 
     Videos are stored with the protocol's pixel rule; a batch stored under another rule is decoded again
@@ -143,7 +146,7 @@ def sample_batches(model, tokenizer, cfg: EvalConfig, out: Path, device) -> None
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + j)
         with torch.no_grad():
             if codes is None:
-                codes = sample(model, cfg.sampling, n, generator=generator).view(n, *shape)
+                codes = sample(model, sampling, n, generator=generator).view(n, *shape)
             video = to_uint8(tokenizer.decode(codes).float().cpu(), pixels=pixels)
         with atomic_write(_batch_file(out, j)) as tmp:
             np.savez(tmp, codes=codes.cpu().numpy().astype(np.int16), video=video, pixels=np.array(pixels))
@@ -225,18 +228,19 @@ def write_grid(cfg: EvalConfig, out: Path) -> list[Path]:
                          out / "samples_grid")
 
 
-def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
+def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> tuple[bool, str]:
     """Metrics into the training run at the checkpoint's step, the grid and the report (protocol, counts,
     network, per-run values) as artifacts under ``eval/TAG``; never fails the evaluation, and gives up on an
-    unreachable server within seconds (``HTTP_POLICY``)."""
+    unreachable server within seconds (``HTTP_POLICY``). Returns (logged, what happened in one line)."""
     run_id, config = info.get("mlflow_run_id"), info.get("config") or {}
     if not run_id:
-        return "no MLflow run recorded in the checkpoint"
+        return False, "not logged: no MLflow run recorded in the checkpoint"
     from mlflow.entities import Metric
 
     from mebt.train.tracking import mlflow_client, tracking_uri
 
-    uri = tracking_uri((config.get("mlflow") or {}).get("tracking_uri"), info["run_dir"])
+    uri = info.get("mlflow_tracking_uri") or tracking_uri((config.get("mlflow") or {}).get("tracking_uri"),
+                                                          info["run_dir"])
     try:
         client = mlflow_client(uri)
         now = int(time.time() * 1000)
@@ -246,15 +250,109 @@ def log_to_mlflow(info: dict, report: dict, grid: list[Path]) -> str | None:
             client.log_artifact(run_id, str(path), artifact_path=f"eval/{info['tag']}")
         client.log_dict(run_id, {k: v for k, v in report.items() if k != "mlflow"}, f"eval/{info['tag']}/report.json")
     except Exception as e:   # tracking must not lose an evaluation that took hours
-        return f"MLflow logging failed ({type(e).__name__}: {first_line(e)[:200]})"
-    return None
+        return False, f"not logged: MLflow logging failed ({type(e).__name__}: {first_line(e)[:200]})"
+    return True, f"logged to run {run_id} at {uri}"
+
+
+def run_sampling(checkpoint: str | Path) -> dict | None:
+    """The ``sampling`` section of the training run a checkpoint or model file comes from (None if unknown)."""
+    try:
+        path = Path(checkpoint)
+        if path.is_file():
+            from mebt.core.model_file import read_model_file
+
+            extras = read_model_file(path)
+            config = json.loads(extras["run_config"]) if "run_config" in extras else {}
+        else:
+            from mebt.train.checkpoint import META, resolve_checkpoint
+
+            ckpt_dir, tag = resolve_checkpoint(path)
+            config = json.loads((ckpt_dir / tag / META).read_text())["config"]
+    except Exception:   # not readable here: the evaluation itself reports what is wrong
+        return None
+    return config.get("sampling")
+
+
+def run_sampling_of(cfg: EvalConfig, info: dict) -> tuple[SamplingConfig, str]:
+    """The sampling settings to use and where they come from: given, the run's config, or the defaults."""
+    if cfg.sampling is not None:
+        return cfg.sampling, "given"
+    section = (info.get("config") or {}).get("sampling")
+    if section:
+        return from_dict(SamplingConfig, section, prefix="sampling."), "the run's config"
+    return SamplingConfig(), "defaults (the checkpoint records no run config)"
+
+
+def training_codes(info: dict, count: int, seed: int, grid) -> torch.Tensor | None:
+    """``count`` random code grids of the run's training data (None when the data cannot be read here)."""
+    data = ((info.get("config") or {}).get("data") or {})
+    if not data.get("data_dir"):
+        return None
+    try:
+        from data_pipeline.loader import LoaderConfig, make_loader
+
+        loader = make_loader(LoaderConfig(data_dir=data["data_dir"], split=data.get("split"), batch_size=1,
+                                          shuffle=True, seed=seed, drop_last=False), expect_grid=tuple(grid))
+        loader = make_loader(LoaderConfig(data_dir=data["data_dir"], split=data.get("split"),
+                                          batch_size=min(count, loader.plan.num_samples), shuffle=True, seed=seed,
+                                          drop_last=False), expect_grid=tuple(grid))
+        return next(iter(loader))["codes"]
+    except Exception as e:   # moved, deleted or another grid: the metric is left out, and the report says why
+        log.warning(f"training clips for code_tv not read from '{data['data_dir']}': {first_line(e)}")
+        return None
+
+
+def code_metrics(cfg: EvalConfig, model, tokenizer, tokenizer_path: str, samples: Path, info: dict,
+                 device) -> tuple[dict, list[str]]:
+    """The I3D-free metrics (``mebt.eval.code_metrics``) and notes on the ones that could not be computed."""
+    from mebt.eval.code_metrics import code_tv, masked_prediction
+    from mebt.eval.scoring import cached_array
+    from mebt.tokenizer.checkpoint import tokenizer_sha256
+
+    vocab, shape = model.cfg.vocab_size, model.cfg.latent_shape
+    generated = torch.from_numpy(np.concatenate([np.load(_batch_file(samples, j), allow_pickle=False)["codes"]
+                                                 for j in range(_num_batches(cfg))]).astype(np.int64))
+    metrics, notes = {}, []
+    heldout = None
+    if cfg.real_dir:
+        frames = shape[0] * tokenizer.cfg.downsample[0]
+        resolution = shape[1] * tokenizer.cfg.downsample[1]
+        stride = real_frame_stride(cfg, info)
+        key = {"real_dir": str(Path(cfg.real_dir).resolve()), "split": cfg.real_split, "frames": frames,
+               "resolution": resolution, "num_real": cfg.num_real, "seed": cfg.seed, "frame_stride": stride,
+               "codes_of": tokenizer_sha256(tokenizer_path)}
+
+        def encode():
+            clips = torch.from_numpy(real_clips(cfg, frames, resolution, stride)).permute(0, 4, 1, 2, 3)
+            with torch.no_grad():
+                return torch.cat([tokenizer.encode((part.float() / 255 - 0.5).to(device)).cpu()
+                                  for part in clips.split(cfg.batch_size)]).numpy().astype(np.int16)
+
+        heldout = torch.from_numpy(cached_array(key, Path(cfg.cache_dir), encode, "held-out codes").astype(np.int64))
+        loss, acc1 = masked_prediction(model, heldout, torch.Generator().manual_seed(cfg.seed))
+        metrics.update(heldout_loss=loss, heldout_acc1=acc1, code_tv=code_tv(generated, heldout, vocab))
+    else:
+        notes.append("heldout_loss, heldout_acc1, code_tv need held-out clips: pass --real-dir")
+    train = training_codes(info, len(heldout) if heldout is not None else len(generated), cfg.seed, shape)
+    if train is None:
+        notes.append("code_tv_vs_train and code_tv_train_clips need the run's training data (data.data_dir)")
+    else:
+        metrics["code_tv_vs_train"] = code_tv(generated, train, vocab)
+        if heldout is not None:
+            metrics["code_tv_train_clips"] = code_tv(train, heldout, vocab)   # the floor at this count
+    return metrics, notes
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     model, info = load_for_eval(cfg.checkpoint)
     model = model.to(device).eval()
-    tokenizer_path = cfg.tokenizer or ((info["config"] or {}).get("train") or {}).get("tokenizer")
+    run_config = info["config"] or {}
+    tokenizer_path = cfg.tokenizer or (run_config.get("train") or {}).get("tokenizer")
+    if not tokenizer_path and run_config.get("data"):   # a run from before the dataset's tokenizer was its default
+        from mebt.train.config import defaults_from_dataset
+
+        tokenizer_path = defaults_from_dataset({"data": run_config["data"]}).get("train", {}).get("tokenizer")
     if not tokenizer_path:
         raise UserError("mebt eval needs the tokenizer that made the shards to decode samples: pass --tokenizer")
     from mebt.tokenizer.checkpoint import load_tokenizer
@@ -265,8 +363,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                         f"{model.cfg.vocab_size}; use the tokenizer the shards were made with")
     if cfg.i3d and not cfg.real_dir:
         raise UserError("FVD needs real videos: pass --real-dir (a video folder with split files) with --i3d")
+    sampling, source = run_sampling_of(cfg, info)
     i3d = None
-    if cfg.real_dir:   # the network loads (or fails) before any sampling
+    if cfg.real_dir and cfg.fvd:   # the network loads (or fails) before any sampling
         from mebt.eval.i3d_weights import load_i3d
 
         i3d = load_i3d(cfg.i3d, numerics=get_protocol(cfg.protocol).i3d_numerics).to(device)
@@ -274,7 +373,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     log.info(f"evaluating {cfg.checkpoint} (step {info['step']}): {cfg.total_samples} samples in "
              f"{_num_batches(cfg)} batches ({len(_batches(cfg))} in this shard) -> {out}")
     start = time.perf_counter()
-    sample_batches(model, tokenizer, cfg, out / "samples", device)
+    sample_batches(model, tokenizer, cfg, sampling, out / "samples", device)
     if i3d is not None:   # this process's share of the I3D work, next to its batches
         from mebt.eval.scoring import generated_features
 
@@ -284,18 +383,23 @@ def evaluate(cfg: EvalConfig) -> dict:
         return {"complete": False, "out_dir": str(out), "message": "other shards' batches are missing; run again "
                                                                    "without --shard-index once they finish"}
     report = {"checkpoint": str(cfg.checkpoint), "step": info["step"], "num_samples": cfg.total_samples,
-              "sampling": asdict(cfg.sampling), "seconds_sampling": round(seconds_sampling, 2),
+              "sampling": asdict(sampling), "sampling_from": source, "seconds_sampling": round(seconds_sampling, 2),
               "metrics": {}, "protocol": None}
+    start = time.perf_counter()
     if i3d is not None:
-        start = time.perf_counter()
         report.update(score(cfg, out / "samples", i3d, device, info))
-        report["seconds_metrics"] = round(time.perf_counter() - start, 2)
     else:
-        report["note"] = "FVD/KVD skipped: no real videos given (--real-dir)"
+        report["note"] = ("FVD/KVD skipped: " + ("--no-fvd" if cfg.real_dir else "no real videos given (--real-dir)"))
+    codes, notes = code_metrics(cfg, model, tokenizer, tokenizer_path, out / "samples", info, device)
+    report["metrics"].update(codes)
+    report["code_metrics"] = notes
+    report["seconds_metrics"] = round(time.perf_counter() - start, 2)
     grid = write_grid(cfg, out)
-    report["mlflow"] = log_to_mlflow(info, report, grid) if cfg.log_mlflow and report["metrics"] else None
-    if report["mlflow"]:
-        log.warning(f"metrics not logged to MLflow: {report['mlflow']}")
+    report["mlflow"] = "not logged: --no-mlflow" if not cfg.log_mlflow else "not logged: no metrics"
+    if cfg.log_mlflow and report["metrics"]:
+        logged, report["mlflow"] = log_to_mlflow(info, report, grid)
+        if not logged:
+            log.warning(f"metrics {report['mlflow']}")
     report.update(complete=True, out_dir=str(out), grid=[str(p) for p in grid])
     write_json(out / "report.json", report)
     return report

@@ -3,11 +3,13 @@
 Training logs the flattened config as params (``optim.lr``, ``model.n_layer``, ...) and metrics at steps
 (``train/loss``, ``eval/fvd16``, ...). ``compare_runs`` shows only the params that differ between the chosen
 runs, each metric's best value (direction guessed from its name) and last value with their steps, and can
-plot metric vs step. Every user mistake (no tracking URI, unknown experiment, bad filter) is one UserError line.
+plot metric vs step. Without a tracking URI they read the store of the working directory, where runs
+started there log by default. Every user mistake (no store, unknown experiment, bad filter) is one UserError line.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import textwrap
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mebt.errors import UserError
-from mebt.train.tracking import mlflow_client
+from mebt.train.tracking import default_tracking_uri, mlflow_client, recorded_tracking_uri, sqlite_path
 
 KEY_METRICS = ("train/loss", "train/acc1", "eval/fvd16")  # shown by list_runs when a run has them
 LIST_COLUMNS = ["name", "run_id", "experiment", "status", "start", "duration", "last_step", *KEY_METRICS]
@@ -24,8 +26,11 @@ LIST_COLUMNS = ["name", "run_id", "experiment", "status", "start", "duration", "
 IDENTITY_PARAMS = frozenset({"train.run_dir", "mlflow.run_name"})
 _HIGHER_IS_BETTER = ("acc", "psnr", "per_s", "mfu")
 _MAX_PARAM_CHARS = 30
-_URI_HINT = "set --tracking-uri or MLFLOW_TRACKING_URI (a run's local store is sqlite:///RUN_DIR/mlflow.db)"
+_URI_HINT = ("runs started here with default settings log to sqlite:///$PWD/mlflow.db; otherwise pass --tracking-uri "
+             "URI|RUN_DIR or set MLFLOW_TRACKING_URI")
 _FILTER_EXAMPLE = "params.`optim.lr` = '0.001'"
+
+log = logging.getLogger(__name__)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -35,23 +40,24 @@ def higher_is_better(metric: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ store access
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """The explicit URI, else $MLFLOW_TRACKING_URI; a run directory or .db path becomes its sqlite URI."""
-    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "").strip()
-    if not uri:
-        raise UserError(f"no MLflow tracking store given: {_URI_HINT}")
+    """The explicit URI, else $MLFLOW_TRACKING_URI, else the store of the working directory (where training
+    started here logs by default). A run dir means the store that run recorded; a folder holding an
+    mlflow.db or a .db path means that sqlite db."""
+    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()).strip()
     if "://" not in uri:  # a bare path: mlflow would take it as a file store and create one there
         path = Path(uri)
-        if path.is_dir() and (path / "mlflow.db").is_file():
-            path = path / "mlflow.db"
-        if path.suffix == ".db":
+        recorded = recorded_tracking_uri(path) if path.is_dir() else None
+        if recorded:
+            uri = recorded
+        elif path.suffix == ".db":
             uri = f"sqlite:///{path.resolve()}"
         else:
-            raise UserError(f"'{uri}' is neither a run dir with an mlflow.db nor a .db file; {_URI_HINT}")
-    if uri.startswith("sqlite:///"):
-        # mlflow silently creates a missing database, so a typo would show an empty store and leave a file behind.
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
-        if str(db) != ":memory:" and not db.is_file():
-            raise UserError(f"no MLflow store at '{db}' (tracking URI {uri}); {_URI_HINT}")
+            raise UserError(f"'{uri}' is neither a run dir, a folder with an mlflow.db nor a .db file; {_URI_HINT}")
+    db = sqlite_path(uri)
+    # mlflow silently creates a missing database, so a typo would show an empty store and leave a file behind.
+    if db is not None and not db.is_file():
+        raise UserError(f"no MLflow store at '{db}' (tracking URI {uri}); {_URI_HINT}")
+    log.info(f"MLflow store {uri}")
     return uri
 
 
@@ -81,6 +87,16 @@ def _experiments(client, experiment: str | None) -> dict[str, str]:
         names = ", ".join(sorted(known.values())) or "none"
         raise UserError(f"unknown MLflow experiment '{experiment}' (available: {names})")
     return found
+
+
+def _only_experiment(client) -> str:
+    """The one experiment of a store that has runs: what `compare` means without --experiment."""
+    with_runs = sorted(e.name for e in client.search_experiments()
+                       if client.search_runs([e.experiment_id], max_results=1))
+    if len(with_runs) != 1:
+        raise UserError(f"the store holds runs in {len(with_runs)} experiments ({', '.join(with_runs) or 'none'}); "
+                        "pass --experiment NAME")
+    return with_runs[0]
 
 
 def _search(client, experiments: dict[str, str], filter: str | None, max_runs: int) -> list:
@@ -220,9 +236,10 @@ def _plot(runs: list[dict], metrics: Sequence[str], histories: dict, path: str |
     return path
 
 
-def compare_runs(tracking_uri: str | None, experiment: str, metrics: Sequence[str] = ("train/loss",),
+def compare_runs(tracking_uri: str | None, experiment: str | None = None, metrics: Sequence[str] = ("train/loss",),
                  filter: str | None = None, max_runs: int = 50, plot: str | Path | None = None) -> dict:
-    """Compare the runs of ``experiment`` (matching ``filter``), best first by the first metric.
+    """Compare the runs of ``experiment`` (matching ``filter``; None: the store's only experiment with runs),
+    best first by the first metric.
 
     Returns ``{"runs", "varying_params", "common_params", "table", "plot"}``: each run is a dict with
     run_id, name, status, params and metrics ``{metric: {best, best_step, last, last_step} or None}``.
@@ -234,7 +251,7 @@ def compare_runs(tracking_uri: str | None, experiment: str, metrics: Sequence[st
     client = mlflow_client(uri)
     histories: dict[str, dict[str, list]] = {}
     with _store_errors(uri):
-        found = _search(client, _experiments(client, experiment), filter, max_runs)
+        found = _search(client, _experiments(client, experiment or _only_experiment(client)), filter, max_runs)
         runs = []
         for run in found:
             # get_metric_history pages through the whole history; keys with '/' are passed through as-is.

@@ -86,23 +86,31 @@ def generated_features(batch_files: list[Path], frames: int | None, i3d, device)
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
+def cached_array(key: dict, cache_dir: Path, compute, what: str) -> np.ndarray:
+    """The array stored under ``key`` (everything it depends on) in ``cache_dir``, else ``compute()``d and stored."""
+    path = Path(cache_dir) / f"{_digest(key)}.npy"
+    if path.exists():
+        log.info(f"{what} from the cache: {path}")
+        return np.load(path, allow_pickle=False)
+    array = compute()
+    log.info(f"{what}: {len(array)} rows -> {path}")
+    with atomic_write(path) as tmp:
+        np.save(tmp, array, allow_pickle=False)
+    write_json(path.with_suffix(".json"), key)
+    return array
+
+
 def real_features(key: dict, cache_dir: Path, clips, i3d, device, windows: bool = False) -> np.ndarray:
     """I3D features of the real clips (pooled over sliding windows with ``windows``), cached on disk under
     ``key`` (everything they depend on); ``clips()`` gives the uint8 clips on a cache miss."""
-    key = {**key, "windows": windows, "i3d": i3d.network}
-    path = Path(cache_dir) / f"{_digest(key)}.npy"
-    if path.exists():
-        log.info(f"real features from the cache: {path}")
-        return np.load(path, allow_pickle=False)
-    videos = clips()
-    log.info(f"real features of {len(videos)} clips{' (sliding windows)' if windows else ''} -> {path}")
-    if windows:
-        videos = sliding_windows(videos, WINDOW, STRIDE)
-    features = i3d_features(i3d, torch.from_numpy(videos), device=device, desc="I3D features (real)")
-    with atomic_write(path) as tmp:
-        np.save(tmp, features, allow_pickle=False)
-    write_json(path.with_suffix(".json"), key)
-    return features
+    def compute():
+        videos = clips()
+        if windows:
+            videos = sliding_windows(videos, WINDOW, STRIDE)
+        return i3d_features(i3d, torch.from_numpy(videos), device=device, desc="I3D features (real)")
+
+    return cached_array({**key, "windows": windows, "i3d": i3d.network}, cache_dir, compute,
+                        "real features" + (" (sliding windows)" if windows else ""))
 
 
 def score(generated: dict[str, np.ndarray], real_of, protocol_name: str, runs: int, i3d, **facts) -> dict:

@@ -9,7 +9,8 @@ import sys
 from mebt.config import load_config
 from mebt.errors import UserError
 from mebt.train.config import RunConfig
-from mebt.train.loop import REQUEUE_EXIT_CODE, train
+from mebt.train.distributed import resolve_env
+from mebt.train.loop import REQUEUE_EXIT_CODE, interrupted_line, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        result = train(load_config(RunConfig, args.config, args.overrides))
+        cfg = load_config(RunConfig, args.config, args.overrides)
+        result = train(cfg)
     except UserError as e:
         print(f"mebt: error: {e}", file=sys.stderr)
         return 2
-    if result["preempted"]:
-        print(f"mebt: stopped by {result['preempted']} at step {result['step']} after a checkpoint; rerun the same "
-              f"command to resume (exit code {REQUEUE_EXIT_CODE} asks a launcher to requeue)", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    return 0
+    except KeyboardInterrupt:   # one line, from rank 0 only: every worker of a launch got the Ctrl-C
+        if resolve_env().rank == 0:
+            print(interrupted_line(cfg.train.run_dir), file=sys.stderr)
+        return 130
+    return REQUEUE_EXIT_CODE if result["preempted"] else 0
 
 
 if __name__ == "__main__":

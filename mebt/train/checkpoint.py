@@ -8,7 +8,10 @@ state from one rank only, so every rank's loader position and RNG states are gat
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +22,10 @@ from mebt.config import from_dict, to_dict
 from mebt.core.model import MeBTConfig
 from mebt.core.model_file import CheckpointError, first_line, model_from_state_dict, save_model
 from mebt.fsutil import write_bytes
-from mebt.train.distributed import all_gather_object, barrier
+from mebt.train.distributed import all_gather_object, barrier, quiet_deepspeed
+from mebt.train.tracking import recorded_tracking_uri
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -120,11 +126,15 @@ def consolidated_model(checkpoint: str | Path):
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt_dir / tag / META).read_text())
     cfg = from_dict(MeBTConfig, meta["config"]["model"], prefix="model.")
+    quiet_deepspeed("cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
         if any((ckpt_dir / tag).glob("*optim_states.pt")):   # ZeRO 1-3: fp32 master weights, partitioned
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):   # its progress prints would mix with a command's JSON
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            log.debug(printed.getvalue().strip())
         else:   # ZeRO 0 keeps whole module weights (in the training precision) in the model states file
             state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                                weights_only=False)["module"]
@@ -142,6 +152,8 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
     ``consolidated_model``).
     """
     model, meta, tag_dir = consolidated_model(checkpoint)
+    # The run's MLflow store travels with the file: `mebt eval` of it logs there even once the run dir is gone.
     save_model(model, out, extra={"step": meta["step"], "source": str(tag_dir.resolve()), "tag": tag_dir.name,
-                                  "mlflow_run_id": meta.get("mlflow_run_id"), "run_config": json.dumps(meta["config"])})
+                                  "mlflow_run_id": meta.get("mlflow_run_id"), "run_config": json.dumps(meta["config"]),
+                                  "mlflow_tracking_uri": recorded_tracking_uri(tag_dir.parent.parent)})
     return {"out": str(out), "step": meta["step"], "params": model.num_params(), "tag": tag_dir.name}

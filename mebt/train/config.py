@@ -8,6 +8,7 @@ a generated one (the typed key wins the argument by refusing the run, naming the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from data_pipeline.loader import LoaderConfig
@@ -48,7 +49,7 @@ class TrainConfig:
     keep_last: int = 2                   # checkpoints kept in run_dir/checkpoints
     sample_every: int = 0                # sample (and decode, with a tokenizer) every N steps; 0: only at the end
     num_samples: int = 4                 # videos per sampling round
-    tokenizer: str | None = None         # VQGAN checkpoint to decode samples into MP4/GIF
+    tokenizer: str | None = None         # VQGAN checkpoint to decode samples into MP4/GIF; default: the dataset's
     seed: int = 0
     deterministic: bool = False          # deterministic kernels (torch.use_deterministic_algorithms)
     device: str = "auto"                 # auto | cpu | cuda
@@ -63,14 +64,16 @@ class TrainConfig:
             raise ConfigError(f"config key 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
-def shape_from_dataset(data: dict) -> dict:
-    """``model.latent_shape`` and ``model.vocab_size`` from the dataset's ``dataset.json`` where the settings
-    (a merged config dict, before the dataclass is built) leave them out: the dataset knows its code grid
-    and codebook, so a new dataset trains without restating them. Explicit values stay and are checked
-    against the dataset when the loader opens it (every mismatch in one line)."""
+def defaults_from_dataset(data: dict) -> dict:
+    """What a merged config dict (before the dataclass is built) leaves out and the dataset's
+    ``dataset.json`` knows: ``model.latent_shape`` and ``model.vocab_size`` (its code grid and codebook), so
+    a new dataset trains without restating them, and ``train.tokenizer`` (the tokenizer that made the
+    codes, when that file is still there with the recorded sha256), so samples are decoded into videos.
+    Explicit values stay and are checked against the dataset when the loader opens it (every mismatch in
+    one line)."""
     data_dir = (data.get("data") or {}).get("data_dir")
-    model = data.get("model") or {}
-    if not data_dir or ("latent_shape" in model and "vocab_size" in model):
+    model, train = data.get("model") or {}, data.get("train") or {}
+    if not data_dir or ("latent_shape" in model and "vocab_size" in model and "tokenizer" in train):
         return data
     from data_pipeline.manifest import read_dataset_json
 
@@ -80,12 +83,24 @@ def shape_from_dataset(data: dict) -> dict:
         return data
     crop = (data.get("data") or {}).get("crop_frames")
     grid = info.get("grid")
-    model = dict(model)
+    model, train = dict(model), dict(train)
     if "latent_shape" not in model and grid:
         model["latent_shape"] = [crop or grid[0], *grid[1:]]
     if "vocab_size" not in model and info.get("codebook_size"):
         model["vocab_size"] = info["codebook_size"]
-    return {**data, "model": model}
+    if "tokenizer" not in train and _same_tokenizer(info):
+        train["tokenizer"] = info["tokenizer"]
+    return {**data, "model": model, "train": train}
+
+
+def _same_tokenizer(info: dict) -> bool:
+    """The tokenizer file a dataset recorded still exists and is the one that made its codes."""
+    path = info.get("tokenizer")
+    if not path or not Path(path).is_file() or not info.get("tokenizer_sha256"):
+        return False
+    from mebt.tokenizer.checkpoint import tokenizer_sha256
+
+    return tokenizer_sha256(path) == info["tokenizer_sha256"]
 
 
 @dataclass

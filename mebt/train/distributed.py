@@ -18,6 +18,7 @@ import importlib
 import os
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +84,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def quiet_deepspeed(device_type: str) -> None:
+    """Before importing DeepSpeed: name the CPU accelerator ourselves on a CPU device (else DeepSpeed warns
+    "Setting accelerator to CPU" at import), and silence the deprecation warning torch raises for a
+    collective DeepSpeed's ZeRO calls (nothing a user can act on; every rank printed it at the first step)."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+
+
 def init_process_group(device: torch.device) -> None:
     """``deepspeed.init_distributed`` with nccl on GPUs and gloo on CPU, without the CPU op build."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_deepspeed(device.type)
     import deepspeed  # imported here: it is slow to import and prints at import time
     from deepspeed import comm
 

@@ -8,8 +8,9 @@ the DeepSpeed checkpoint's client state; a run directory that has a checkpoint r
 
 SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption; submitit asks SLURM for
 USR2) asks for a stop: the ranks agree on it at a step boundary (the one after the signal's, see
-``StopVote``: the vote never blocks a step), checkpoint there, and ``train`` returns ``preempted``; the CLI
-then exits with ``REQUEUE_EXIT_CODE`` so a launcher knows to requeue rather than fail.
+``StopVote``: the vote never blocks a step), checkpoint there, and ``train`` returns ``preempted`` (rank 0
+prints one line: the checkpoint and how to resume); the CLI then exits with ``REQUEUE_EXIT_CODE`` so a
+launcher knows to requeue rather than fail. Ctrl-C does the same; a second one stops at once.
 
 No micro-batch waits for the device: loss and accuracy are summed in float64 tensors on the training
 device (FLOPs and tokens follow from shapes, on the host) and read once per ``log_every`` steps, with one
@@ -22,6 +23,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,14 +74,24 @@ class TrainState:
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the loop can stop at a step boundary instead of mid-step."""
+    """Remembers SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C (SIGINT) so the loop can stop at a step boundary, after a
+    checkpoint, instead of mid-step. A second Ctrl-C (a second later or more: a launcher forwards the
+    terminal's own SIGINT, so each worker gets two at once) stops at once, without a checkpoint."""
 
-    def __init__(self):
-        self.signal = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    def __init__(self, main: bool):
+        self.signal, self._main, self._first_int = None, main, None
+        self._old = {s: signal.signal(s, self._handle)
+                     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_int is not None and now - self._first_int > 1.0:
+                raise KeyboardInterrupt
+            if self._first_int is None and self._main:
+                log.warning("Ctrl-C: stopping after this step's checkpoint (Ctrl-C again to stop without one)")
+            self._first_int = self._first_int or now
+        self.signal = self.signal or signal.Signals(signum).name
 
     def restore(self):
         for s, handler in self._old.items():
@@ -149,6 +161,9 @@ class _Window:
 
 
 def train(cfg: RunConfig) -> dict:
+    """Train to ``cfg.train.steps``; the result's ``final_loss`` is the last logged ``train/loss`` (the mean
+    over the last log window's steps and all ranks: the value of metrics.jsonl and MLflow, one definition)."""
+    started_ms = int(time.time() * 1000)   # the MLflow run's start time, even when it is created later
     tc = cfg.train
     # 1. Everything that can be wrong is checked before a process group or a file exists.
     env = resolve_env()
@@ -193,7 +208,7 @@ def train(cfg: RunConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_json(run_dir / "deepspeed_config.json", ds_config)
-    tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id,
+    tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id, start_ms=started_ms,
                       params=flatten(to_dict(cfg)), tags={"world_size": env.world_size, "launcher": env.source})
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
         tracker.log_artifact(run_dir / name)
@@ -208,13 +223,13 @@ def train(cfg: RunConfig) -> dict:
     accum = ds_config["gradient_accumulation_steps"]
     peak = peak_flops_per_s(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
                                                                                      torch.float32))
-    stop = StopRequest()
+    stop = StopRequest(main)
     votes = StopVote()
     stream = _stream(loader)
     bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", disable=not main)
     window = _Window(device)
     preempted = None
-    last_loss = None   # the last step's mean loss, a device tensor until the end
+    final_loss = None   # the last logged train/loss
     while state.step < tc.steps:
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(accum):
@@ -236,8 +251,7 @@ def train(cfg: RunConfig) -> dict:
             window.tokens += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
             trace.add(state.step + 1, loss, metrics["acc1"], batch["key"])
         state.step += 1
-        last_loss = step_loss / accum
-        window.loss += last_loss
+        window.loss += step_loss / accum
         window.steps += 1
         bar.update(1)
 
@@ -246,6 +260,7 @@ def train(cfg: RunConfig) -> dict:
                                  peak)
             trace.flush()
             history.write(record)
+            final_loss = record["loss"]
             tracker.log_metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, state.step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
             log.info(f"step {state.step}/{tc.steps}: loss {record['loss']:.4f}, acc1 {record['acc1']:.4f}, "
@@ -264,7 +279,6 @@ def train(cfg: RunConfig) -> dict:
                                   {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
         if requested:
             preempted = stop.signal or "peer"
-            log.info(f"stopped by {preempted} at step {state.step}, after its checkpoint")
             break
     votes.close()
     bar.close()
@@ -272,13 +286,31 @@ def train(cfg: RunConfig) -> dict:
     if preempted is None:
         samples.write(engine.module.model, state.step, tracker)
     sent = tracker.close(status="KILLED" if preempted else "FINISHED")
-    result = {"step": state.step, "final_loss": None if last_loss is None else last_loss.item(),
+    result = {"step": state.step, "final_loss": final_loss,
               "run_dir": str(run_dir), "preempted": preempted,
               "mlflow_run_id": state.mlflow_run_id or tracker.run_id, "tracking": sent,
               "checkpoint": str(run_dir / train_checkpoint.CKPT_DIR / train_checkpoint.tag_of(state.step))}
     if main:
         print(json.dumps(result))
+        if preempted:
+            print(stop_line(result), file=sys.stderr)
     return result
+
+
+def stop_line(result: dict) -> str:
+    """The one line a training stopped by a signal or Ctrl-C prints: what was saved and how to resume."""
+    return (f"mebt: stopped by {result['preempted']} at step {result['step']}; checkpoint saved in "
+            f"{result['checkpoint']}; run the same command to resume (exit code {REQUEUE_EXIT_CODE} asks a "
+            "launcher to requeue)")
+
+
+def interrupted_line(run_dir: str | Path) -> str:
+    """The one line of a training interrupted between checkpoints (a second Ctrl-C, or one before the loop)."""
+    tag = train_checkpoint.latest_tag(Path(run_dir))
+    if tag is None:
+        return f"mebt: interrupted before the first checkpoint of {run_dir}; the same command starts it again"
+    return (f"mebt: interrupted; the last checkpoint is {Path(run_dir) / train_checkpoint.CKPT_DIR / tag}: run the "
+            "same command to resume from it")
 
 
 def _log_record(window: _Window, step: int, engine, world_size: int, clips_per_step: int, device, peak) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mebt.core.sampling import sample
 from mebt.errors import UserError
@@ -38,7 +39,11 @@ class SampleWriter:
         generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + step)
         was_training = model.training
         model.eval()
-        codes = sample(model, cfg.sampling, cfg.train.num_samples, generator=generator)
+        # Rank 0 shows a bar per phase (the ones after the last step take minutes on a CPU); mid-training
+        # bars vanish when done, so the training bar stays the last line.
+        final = step >= cfg.train.steps
+        codes = sample(model, cfg.sampling, cfg.train.num_samples, generator=generator, progress=self.active,
+                       desc=f"samples at step {step}", leave=final)
         model.train(was_training)
         if not self.active:
             return []
@@ -49,8 +54,9 @@ class SampleWriter:
             np.save(tmp, grids.numpy().astype(np.int16), allow_pickle=False)
         paths = [stem.with_suffix(".npy")]
         if self.tokenizer is not None:
-            video = self.tokenizer.decode(grids.to(self.device))
-            paths += write_video_grid(video.float().cpu(), stem)
+            video = torch.cat([self.tokenizer.decode(clip.to(self.device)).float().cpu()
+                               for clip in tqdm(grids.split(1), desc="decoding samples", unit="clip", leave=final)])
+            paths += write_video_grid(video, stem)
         for path in paths:
             tracker.log_artifact(path, artifact_path="samples")
         return paths

@@ -13,6 +13,12 @@ MLflow tracking server (or a local sqlite store) from ONE daemon background thre
   with backoff, one ``TrackingWarning`` says so, and ``close()`` reports what was lost, returning
   within its timeout even when the server never answers. No exception ever reaches the caller.
 * A resumed training passes the ``run_id`` it saved in its checkpoint and continues the same run.
+
+Where runs log by default: one store per working directory, MLflow 3's own default made absolute,
+``sqlite:///$PWD/mlflow.db`` with artifacts in ``$PWD/mlruns`` (what a bare ``mlflow ui`` there shows), so
+every run started from one project folder lands in one store and ``mebt runs compare`` sees them all. The
+store a run used is recorded in its run dir (``mlflow.json``): a resumed run stays in it, and ``mebt eval``
+and ``mebt runs`` find it from any folder.
 """
 from __future__ import annotations
 
@@ -30,23 +36,57 @@ from pathlib import Path
 import yaml
 
 from mebt.errors import ConfigError
+from mebt.fsutil import write_json
+from mebt.logs import adopt_library_logger
 
 
 class TrackingWarning(UserWarning):
     """Experiment tracking is degraded (server unreachable, points dropped); training goes on."""
 
 
-def tracking_uri(configured: str | None, run_dir: str | Path) -> str:
-    """Where a run logs: the configured URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the run dir."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+STORE_RECORD = "mlflow.json"   # in a run dir: the store (and experiment) the run logs to
+
+
+def default_tracking_uri(folder: str | Path | None = None) -> str:
+    """The store of a working directory: MLflow 3's default ``sqlite:///mlflow.db``, made absolute."""
+    return f"sqlite:///{Path(folder or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local sqlite URI; None for servers and other databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def recorded_tracking_uri(run_dir: str | Path | None) -> str | None:
+    """The store a run dir recorded; a run dir from before the record (its own ``mlflow.db``) means that db."""
+    if run_dir is None:
+        return None
+    record, old_default = Path(run_dir) / STORE_RECORD, Path(run_dir) / "mlflow.db"
+    if record.is_file():
+        try:
+            return json.loads(record.read_text())["tracking_uri"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"'{record}' is not a store record written by mebt train (delete it to log to the "
+                              "default store)") from None
+    return f"sqlite:///{old_default.resolve()}" if old_default.is_file() else None
+
+
+def tracking_uri(configured: str | None, run_dir: str | Path | None) -> str:
+    """Where a run logs: the configured URI, else the store its run dir recorded (a resumed run stays where it
+    started), else $MLFLOW_TRACKING_URI, else the store of the working directory."""
+    return (configured or recorded_tracking_uri(run_dir) or os.environ.get("MLFLOW_TRACKING_URI")
+            or default_tracking_uri())
 
 
 @dataclass
 class MLflowConfig:
     enabled: bool = True
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    tracking_uri: str | None = None  # None: the run dir's recorded store, $MLFLOW_TRACKING_URI, sqlite:///$PWD/mlflow.db
     experiment: str = "mebt"
-    run_name: str | None = None
+    run_name: str | None = None      # None: the run dir's name
     system_metrics: bool = False  # mlflow's cpu/mem/gpu monitor when its optional deps exist
     flush_every_s: float = 5.0  # how often the background thread sends buffered metrics
     max_buffered: int = 100_000  # points kept while the server is unreachable; older ones dropped
@@ -59,7 +99,8 @@ class MLflowConfig:
         if self.max_buffered < 1:
             raise ConfigError(f"config key 'mlflow.max_buffered' must be at least 1, got {self.max_buffered}")
         if self.tracking_uri is not None and not self.tracking_uri.strip():
-            raise ConfigError("config key 'mlflow.tracking_uri' must be a URI or null (null: $MLFLOW_TRACKING_URI or <run_dir>/mlflow.db)")
+            raise ConfigError("config key 'mlflow.tracking_uri' must be a URI or null (null: $MLFLOW_TRACKING_URI, "
+                              "else sqlite:///$PWD/mlflow.db)")
 
 
 # The one HTTP policy of every MLflow client mebt makes (the training tracker, `mebt eval`, `mebt runs`):
@@ -80,6 +121,7 @@ def mlflow_client(uri: str):
         os.environ.setdefault(key, value)
     from mlflow.tracking import MlflowClient
 
+    adopt_library_logger("mlflow", env_level="MLFLOW_LOGGING_LEVEL")   # "Creating initial MLflow database tables..."
     return MlflowClient(uri)
 
 
@@ -94,19 +136,41 @@ def _permanent(exc: Exception) -> bool:
     return 400 <= code < 500 and code != 429
 
 
+def _experiment_id(client, uri: str, name: str) -> str:
+    """The id of experiment ``name``, created when missing. A local sqlite store keeps its artifacts beside
+    its db in MLflow's layout (``mlruns/<experiment id>``): mlflow itself would use ./mlruns of whatever
+    folder the process runs in, which differs from the db's folder for a resumed run or a configured path."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    db = sqlite_path(uri)
+    try:
+        if db is None:   # a server or another database decides where artifacts go
+            return client.create_experiment(name)
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        return SqlAlchemyStore(uri, str(db.parent.resolve() / "mlruns")).create_experiment(name)
+    except Exception:
+        exp = client.get_experiment_by_name(name)   # another run in the same store created it meanwhile
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 class Tracker:
     """Rank-0 MLflow logging that never stops training."""
 
     def __init__(self, cfg: MLflowConfig, run_dir: str | Path, *, active: bool, run_id: str | None = None,
-                 params: dict | None = None, tags: dict | None = None):
+                 params: dict | None = None, tags: dict | None = None, start_ms: int | None = None):
         self.run_id: str | None = None  # set by the thread once the run exists on the server
         self._active = bool(active and cfg.enabled)
         if not self._active:
             return
-        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        # The run's times are the training's, passed explicitly: the background thread creates the run (and
+        # closes it) whenever the server answers, which can be long after training started.
+        self._start_ms, self._end_ms = int(start_ms or time.time() * 1000), None
         self._cfg, self._run_dir = cfg, Path(run_dir).resolve()
         self._resume_id, self._params, self._tags = run_id, dict(params or {}), dict(tags or {})
-        self._default_store = not (cfg.tracking_uri or env_uri)
         self._uri = tracking_uri(cfg.tracking_uri, self._run_dir)
         self._cond = threading.Condition()  # guards the queues and counters; notified when the thread progresses
         self._points: collections.deque = collections.deque()  # (seq, key, value, timestamp_ms, step)
@@ -114,6 +178,10 @@ class Tracker:
         self._seq = self._sent = self._dropped = self._n_staged = 0
         self._params_done = self._closing = self._abandon = False
         self._warned: set[str] = set()
+        try:   # before any network: `mebt eval` and `mebt runs` of this run dir find the store from any folder
+            write_json(self._run_dir / STORE_RECORD, {"tracking_uri": self._uri, "experiment": cfg.experiment})
+        except OSError as e:
+            self._warn(f"MLflow: cannot record the store in '{self._run_dir}' ({_brief(e)}); training continues")
         self._status, self._result, self._monitor = "FINISHED", None, None
         self._stage: str | None = None  # temp folder of artifact copies, made on first use
         self._wake = threading.Event()  # send now: flush, close, or a full batch is waiting
@@ -181,7 +249,7 @@ class Tracker:
         if self._result is not None:  # closing twice is harmless
             return dict(self._result)
         with self._cond:
-            self._closing, self._status = True, status
+            self._closing, self._status, self._end_ms = True, status, int(time.time() * 1000)
         self._wake.set()
         self._kick.set()
         self._thread.join(timeout)  # the thread sends what is left, then ends the run
@@ -225,8 +293,8 @@ class Tracker:
         while not self._abandon:
             try:
                 if client is None:
-                    if self._default_store:
-                        self._run_dir.mkdir(parents=True, exist_ok=True)
+                    if sqlite_path(self._uri) is not None:   # mlflow creates the db, not its folder
+                        sqlite_path(self._uri).parent.mkdir(parents=True, exist_ok=True)
                     client = mlflow_client(self._uri)
                 if not self._params_done:
                     self._start(client)
@@ -252,12 +320,7 @@ class Tracker:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
         if self.run_id is None:
-            exp = client.get_experiment_by_name(self._cfg.experiment)
-            if exp is not None:
-                exp_id = exp.experiment_id
-            else:  # the default store keeps artifacts beside its db, not in ./mlruns of the cwd
-                location = (self._run_dir / "mlartifacts").as_uri() if self._default_store else None
-                exp_id = client.create_experiment(self._cfg.experiment, artifact_location=location)
+            exp_id = _experiment_id(client, self._uri, self._cfg.experiment)
             run = None
             if self._resume_id:
                 try:
@@ -269,7 +332,10 @@ class Tracker:
                 else:
                     client.update_run(run.info.run_id, status="RUNNING")
             if run is None:
-                run = client.create_run(exp_id, run_name=self._cfg.run_name)
+                # Named after the run dir by default: mlflow's random names come from `random`, which training seeds,
+                # so every run of a seed would get the same one.
+                run = client.create_run(exp_id, start_time=self._start_ms,
+                                        run_name=self._cfg.run_name or self._run_dir.name)
             self.run_id = run.info.run_id
             self._start_monitor(resumed=self.run_id == self._resume_id)
         # Params are immutable in MLflow: log only keys the run lacks (on resume, or on a retry after a
@@ -342,4 +408,4 @@ class Tracker:
         if monitor is not None:
             monitor.finish()  # joins its thread and sends its last sample
         self._send(client)
-        client.set_terminated(self.run_id, status=self._status)
+        client.set_terminated(self.run_id, status=self._status, end_time=self._end_ms)

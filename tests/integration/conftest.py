@@ -1,5 +1,6 @@
 """Fixtures of the integration tests: a tiny training run that the evaluator and SLURM tests evaluate."""
 import json
+import os
 import subprocess
 import sys
 
@@ -35,8 +36,10 @@ def trained(tmp_path_factory):
             "train.ckpt_every=2", "train.log_every=2", f"model.latent_shape=[{','.join(map(str, GRID))}]",
             "model.vocab_size=8", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_latent=8",
             "sampling.steps=2", "train.num_samples=1", f"train.tokenizer={tokenizer}"]
+    # Started from its own folder, whose MLflow store (root/mlflow.db) it logs to by default.
     done = subprocess.run([sys.executable, "-m", "mebt.cli", "train", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+                          timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     return {"run_dir": run_dir, "tokenizer": tokenizer, "videos": videos, "i3d": fake_i3d(root / "i3d.pt"),
-            "cache": root / "cache", "run_id": json.loads(done.stdout.strip().splitlines()[-1])["mlflow_run_id"]}
+            "cache": root / "cache", "run_id": json.loads(done.stdout.strip().splitlines()[-1])["mlflow_run_id"],
+            "store": f"sqlite:///{root / 'mlflow.db'}", "root": root}

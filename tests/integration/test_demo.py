@@ -49,7 +49,7 @@ def test_quick_demo_makes_every_artifact_and_resumes(tmp_path):
     assert "training clips" in first.stdout and "tokenizer reconstructions" in first.stdout
     assert metrics["heldout_loss"] > 0 and 0 <= metrics["heldout_acc1"] <= 1
     assert 0 <= metrics["code_tv"] <= 1 and 0 <= metrics["code_tv_train_clips"] <= 1
-    run_id = record["stages"]["eval"]["mlflow"].split()[-1]
+    run_id = record["stages"]["eval"]["mlflow"].split()[3]   # "logged to run ID at URI"
     client = MlflowClient(f"sqlite:///{out / 'mebt' / 'mlflow.db'}")
     for key in ("heldout_loss", "fvd", "fvd_train_clips", "fvd_reconstructions"):
         logged = client.get_metric_history(run_id, f"eval/{key}")

@@ -2,6 +2,7 @@
 synthetic videos: samples, FVD/KVD, protocols and runs, report, grid, MLflow metrics at the checkpoint's
 step, sharding, resume and --watch."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 GRID = (4, 4, 4)   # with a 4x4x4 tokenizer: 16 frames at 16x16, the fewest frames FVD16 takes
 
 
+CODE_METRICS = {"heldout_loss", "heldout_acc1", "code_tv", "code_tv_vs_train", "code_tv_train_clips"}
+
+
 def mebt_eval(*args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mebt.cli", "eval", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
@@ -28,7 +32,7 @@ def scored(trained):
     """The run's last checkpoint scored once (FVD/KVD into its MLflow run): args, result and seconds."""
     args = ["--checkpoint", trained["run_dir"], "--num-samples", 6, "--batch-size", 4, "--i3d", trained["i3d"],
             "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 6, "--cache-dir",
-            trained["cache"], "sampling.steps=2"]
+            trained["cache"]]   # no sampling keys: the run's own section (steps=2) is used
     start = time.monotonic()
     done = mebt_eval(*args)
     return args, done, time.monotonic() - start
@@ -41,10 +45,16 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scor
     out = run_dir / "eval" / "global_step4"
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["step"] == 4 and report["num_samples"] == 6
-    assert set(report["metrics"]) == {"fvd16", "kvd16"} and report["metrics"]["fvd16"] > 0
+    assert set(report["metrics"]) == {"fvd16", "kvd16"} | CODE_METRICS and report["metrics"]["fvd16"] > 0
+    m = report["metrics"]
+    assert m["heldout_loss"] > 0 and 0 <= m["heldout_acc1"] <= 1 and report["code_metrics"] == []
+    assert all(0 <= m[k] <= 1 for k in ("code_tv", "code_tv_vs_train", "code_tv_train_clips"))
+    # the run trained with sampling.steps=2: its own sampling section is used when none is given
+    assert report["sampling_from"] == "the run's config" and report["sampling"]["steps"] == 2
     protocol = report["protocol"]
     assert protocol["generated_per_run"] == 6 and protocol["runs"] == 1 and protocol["real"] == 6
-    assert protocol["name"] == "float64" and protocol["covariance"].startswith("biased") and report["mlflow"] is None
+    assert protocol["name"] == "float64" and protocol["covariance"].startswith("biased")
+    assert report["mlflow"] == f"logged to run {trained['run_id']} at {trained['store']}"
     assert protocol["i3d"] == {"network": f"sha256:{file_sha256(trained['i3d'])}", "weights_sha256":
                                file_sha256(trained["i3d"]), "source": str(trained["i3d"]), "numerics": "tf",
                                "bn_eps": 1e-3}
@@ -54,7 +64,7 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scor
     videos = np.concatenate([np.load(p)["video"] for p in sorted((out / "samples").iterdir())])
     assert videos.shape == (6, 16, 16, 16, 3) and videos.dtype == np.uint8
     assert all((out / name).stat().st_size > 0 for name in ("samples_grid.mp4", "samples_grid.gif"))
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    client = MlflowClient(trained["store"])   # the store the run recorded, found from another working directory
     history = client.get_metric_history(trained["run_id"], "eval/fvd16")
     assert [(m.step, m.value) for m in history] == [(4, pytest.approx(report["metrics"]["fvd16"]))]
     assert {a.path for a in client.list_artifacts(trained["run_id"], "eval/global_step4")} == {
@@ -65,12 +75,12 @@ def test_eval_scores_a_run_checkpoint_and_logs_into_its_mlflow_run(trained, scor
     # numbers repeat (an interrupted evaluation resumes the same way, batch by batch).
     stamps = {p: p.stat().st_mtime_ns for p in [*(out / "samples").iterdir(), *trained["cache"].iterdir(),
                                                  *(out / "features").rglob("*.npz")]}
-    assert len(stamps) == 2 + 2 + 2   # sample batches, real features (+ key), features of each batch
+    assert len(stamps) == 2 + 4 + 2   # sample batches, real features and held-out codes (+ keys), batch features
     start = time.monotonic()
     again = mebt_eval(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(list(trained["cache"].iterdir())) == 2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(list(trained["cache"].iterdir())) == 4
     print(f"first evaluation {first_seconds:.1f} s, repeated {time.monotonic() - start:.1f} s")
 
 
@@ -86,6 +96,14 @@ def test_runs_compare_shows_the_eval_metric_next_to_the_loss(trained, scored, tm
     listed = subprocess.run([sys.executable, "-m", "mebt.cli", "runs", "list", "--tracking-uri",
                              str(trained["run_dir"])], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert listed.returncode == 0 and trained["run_id"][:8] in listed.stdout, listed.stderr[-2000:]
+    # No tracking flags, from the folder the training started in: its default store, named in one line.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for command in (["list"], ["compare", "--experiment", "mebt"]):
+        here = subprocess.run([sys.executable, "-m", "mebt.cli", "runs", *command], capture_output=True, text=True,
+                              cwd=trained["root"], env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert here.returncode == 0 and trained["run_id"][:8] in here.stdout, here.stderr[-2000:]
+        named = [line for line in here.stderr.splitlines() if "MLflow store" in line]
+        assert len(named) == 1 and named[0].endswith(f"INFO] mebt.eval.runs: MLflow store {trained['store']}"), named
 
 
 def test_eval_of_an_exported_model_without_real_videos_reports_the_skip(trained, tmp_path):
@@ -96,7 +114,8 @@ def test_eval_of_an_exported_model_without_real_videos_reports_the_skip(trained,
                      "sky_16f", "sampling.steps=2", "sampling.n_revise=0", "sampling.revise_rounds=0")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((Path(str(model) + ".eval") / "report.json").read_text())
-    assert report["metrics"] == {} and "no real videos" in report["note"] and report["sampling"]["ctemp"] == 8.0
+    assert set(report["metrics"]) == {"code_tv_vs_train"} and "no real videos" in report["note"]
+    assert "pass --real-dir" in report["code_metrics"][0] and report["sampling"]["ctemp"] == 8.0
     assert report["sampling"]["revise_top_k"] is None and report["sampling"]["bootstrap_temperature"] == 1.0
 
 
@@ -120,7 +139,7 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process(trained, tmp_path):
         a, b = (np.load(tmp_path / d / "samples" / f"batch_{j:05d}.npz")["codes"] for d in ("one", "two"))
         assert np.array_equal(a, b)
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-    assert set(one["metrics"]) == {"fvd16", "fvd16_std", "kvd16", "kvd16_std"}
+    assert set(one["metrics"]) == {"fvd16", "fvd16_std", "kvd16", "kvd16_std"} | CODE_METRICS
     for key, value in one["metrics"].items():
         assert abs(two["metrics"][key] - value) <= 1e-6 * abs(value), key
     assert len(one["runs"]["fvd16"]) == 2 and one["metrics"]["fvd16"] == pytest.approx(np.mean(one["runs"]["fvd16"]))
@@ -200,3 +219,16 @@ def test_real_clips_take_the_training_clips_frame_stride(trained, tmp_path):
                   for s in range(20 - 15 + 1)]
     for clip in clips:
         assert min(np.abs(clip.astype(int) - c.astype(int)).max() for c in candidates) <= 1
+
+
+def test_no_fvd_reports_the_code_metrics_and_sampling_overrides_go_on_the_runs_section(trained, tmp_path):
+    done = mebt_eval("--checkpoint", trained["run_dir"], "--num-samples", 4, "--batch-size", 4, "--real-dir",
+                     trained["videos"], "--real-split", "train", "--num-real", 4, "--cache-dir", tmp_path / "cache",
+                     "--no-fvd", "--no-mlflow", "--out", tmp_path / "out", "sampling.ctemp=3.0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["metrics"]) == CODE_METRICS and report["note"] == "FVD/KVD skipped: --no-fvd"
+    assert not (tmp_path / "out" / "features").exists()    # no I3D work at all
+    # ctemp given, every other key from the run (which trained with sampling.steps=2)
+    assert report["sampling"]["ctemp"] == 3.0 and report["sampling"]["steps"] == 2
+    assert report["sampling_from"] == "given"

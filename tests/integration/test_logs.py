@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -132,6 +133,33 @@ def test_records_get_their_own_line_next_to_a_progress_bar(bare_logging, capsys)
     assert line.rsplit("\r", 1)[-1].startswith("[rank 0 +") and line.endswith("mebt.train.loop: step 5")
 
 
+def test_warnings_are_one_record_that_never_glues_to_a_bar(bare_logging, capsys):
+    setup_logging()
+    with tqdm(total=10, desc="train", file=sys.stderr, mininterval=0) as bar:
+        bar.update(5)
+        warnings.warn("skipped corrupt shard 'x.tar'", UserWarning)   # raised from a test: another file
+        bar.update(5)
+    err = capsys.readouterr().err
+    line = next(line for line in err.split("\n") if "corrupt shard" in line).rsplit("\r", 1)[-1]
+    rank, level, logger, message = parse(line)
+    assert (rank, level, logger) == ("0", "WARNING", "py.warnings")
+    assert message == f"UserWarning: skipped corrupt shard 'x.tar' ({__file__}:{message.rsplit(':', 1)[1][:-1]})"
+
+
+def test_mlflow_lines_go_through_the_handler_at_warning(bare_logging, capsys, tmp_path, monkeypatch):
+    from mebt.train.tracking import mlflow_client
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    setup_logging()
+    mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()   # creates the tables
+    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    logging.getLogger("mlflow.store.db.utils").warning("a real problem")
+    err = capsys.readouterr().err
+    assert "Creating initial MLflow database tables" not in err
+    assert [parse(line) for line in err.splitlines() if "a real problem" in line] == [
+        ("0", "WARNING", "mlflow.store.db.utils", "a real problem")]
+
+
 def test_training_processes_log_with_their_rank(codes_dir, tmp_path):
     # Started like SLURM tasks or launcher workers (rendezvous variables, no CLI): train() sets logging up
     # itself. Rank 0 logs at the default INFO; rank 1 was given DEBUG, so its INFO records show too.
@@ -153,3 +181,8 @@ def test_training_processes_log_with_their_rank(codes_dir, tmp_path):
     assert any(r.startswith("[rank 1 +") and " DEBUG] mebt.train.loop: rank 1 of 2 " in r for r in records[1])
     assert any(r.startswith("[rank 1 +") and " INFO] mebt.train.loop: step 2/2: loss " in r for r in records[1])
     assert all(r.startswith("[rank 1 +") for r in records[1])
+    # Nothing from other libraries (DeepSpeed's accelerator line, torch's FutureWarning on a collective
+    # DeepSpeed calls): every line is one of ours or a progress bar.
+    for err in errs:
+        shown = [part.strip() for part in err.replace("\n", "\r").split("\r") if part.strip()]
+        assert [p for p in shown if not p.startswith(("[rank ", "train:", "samples at step"))] == []

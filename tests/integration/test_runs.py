@@ -1,8 +1,12 @@
 """mebt.eval.runs against real MLflow stores: a local sqlite store (fast) and the shared test server (HTTP path)."""
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -123,22 +127,38 @@ def test_user_errors_are_one_line(store, tmp_path, monkeypatch):
     one_line_error("no runs in experiment 'mebt' match filter", list_runs, store, "mebt",
                    filter="params.`optim.lr` = '42'")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    msg = one_line_error("MLFLOW_TRACKING_URI", list_runs, None)
-    assert "--tracking-uri" in msg and "sqlite:///RUN_DIR/mlflow.db" in msg
+    monkeypatch.chdir(tmp_path)
+    msg = one_line_error(f"no MLflow store at '{tmp_path / 'mlflow.db'}'", list_runs, None)
+    assert "--tracking-uri" in msg and "MLFLOW_TRACKING_URI" in msg and "sqlite:///$PWD/mlflow.db" in msg
+    assert not (tmp_path / "mlflow.db").exists()
     missing = tmp_path / "typo" / "mlflow.db"
     one_line_error("no MLflow store at", compare_runs, f"sqlite:///{missing}", "mebt")
     assert not missing.parent.exists()  # not created as an empty store
     one_line_error("at least one metric", compare_runs, store, "mebt", metrics=[])
+    # Without --experiment, compare means the store's only experiment with runs ('empty' has none).
+    one_line_error(re.escape("holds runs in 2 experiments (mebt, other); pass --experiment NAME"), compare_runs,
+                   store)
 
 
-def test_tracking_uri_resolution(store, monkeypatch):
-    db = store[len("sqlite:///"):]
+def test_tracking_uri_resolution(store, tmp_path, monkeypatch, caplog):
+    db = Path(store[len("sqlite:///"):])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert resolve_tracking_uri(None) == store
     assert len(list_runs(None, "mebt")) == 3
-    run_dir = db.rsplit("/", 1)[0]
-    assert resolve_tracking_uri(run_dir) == store  # a run directory holding mlflow.db
-    assert resolve_tracking_uri(db) == store
+    assert resolve_tracking_uri(str(db.parent)) == store  # a folder holding mlflow.db (a run dir of old)
+    assert resolve_tracking_uri(str(db)) == store
+    run_dir = tmp_path / "run"   # a run dir: the store it recorded, wherever that is
+    run_dir.mkdir()
+    (run_dir / "mlflow.json").write_text(json.dumps({"tracking_uri": store, "experiment": "mebt"}))
+    assert resolve_tracking_uri(str(run_dir)) == store
+    # No flag and no variable: the working directory's store, where runs started here log by default.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(db.parent)
+    with caplog.at_level(logging.INFO, logger="mebt.eval.runs"):
+        caplog.clear()
+        assert [r["name"] for r in list_runs(None, "mebt")] == list(RUNS)[::-1]
+        assert compare_runs(None, "mebt")["runs"]
+    assert [r.getMessage() for r in caplog.records] == [f"MLflow store {store}"] * 2   # one line each
 
 
 def test_compare_over_http_server(mlflow_server, tmp_path):

@@ -1,4 +1,5 @@
-"""mebt.train.tracking against a real MLflow server (no mocks): logging, resume, a dying server, the default store."""
+"""mebt.train.tracking against a real MLflow server (no mocks): logging, resume, a dying server, the default
+store of the working directory."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from mebt.errors import ConfigError
 from mebt.train.distributed import free_port
-from mebt.train.tracking import MLflowConfig, Tracker, TrackingWarning
+from mebt.train.tracking import MLflowConfig, Tracker, TrackingWarning, recorded_tracking_uri
 from tests.mlflow_fixtures import start_mlflow_server
 
 FAST = dict(flush_every_s=0.2)
@@ -164,20 +165,71 @@ def test_max_buffered_drops_the_oldest(tmp_path):
     assert any("15 metric points dropped and 10 not sent" in m for m in _messages(records))
 
 
-def test_default_store_lives_in_the_run_dir(tmp_path, monkeypatch):
+def test_default_store_is_the_working_directorys_and_each_run_dir_records_it(tmp_path, monkeypatch):
+    """Two runs started from one folder share its store (MLflow's sqlite:///mlflow.db, artifacts in mlruns/);
+    each run dir records it, and a run resumed from another folder stays in it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cwd, run_dir = tmp_path / "cwd", tmp_path / "run"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    tracker = Tracker(MLflowConfig(**FAST), run_dir, active=True)
-    tracker.log_metrics({"loss": 0.5}, step=7)
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    ids = []
+    for name in ("a", "b"):
+        tracker = Tracker(MLflowConfig(**FAST), tmp_path / name, active=True)
+        tracker.log_metrics({"loss": 0.5}, step=7)
+        tracker.log_dict({"a": 1}, "config.json")
+        assert tracker.flush(timeout=120)
+        assert tracker.close()["sent"] == 1
+        ids.append(tracker.run_id)
+        record = json.loads((tmp_path / name / "mlflow.json").read_text())
+        assert record == {"tracking_uri": store, "experiment": "mebt"}
+        assert recorded_tracking_uri(tmp_path / name) == store
+        assert not (tmp_path / name / "mlflow.db").exists()
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("mebt")
+    assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == set(ids)
+    assert sorted(p.parent.parent.name for p in (project / "mlruns").rglob("config.json")) == sorted(ids)
+    assert sorted(p.name for p in project.iterdir()) == ["mlflow.db", "mlruns"]
+
+    monkeypatch.chdir(elsewhere)
+    resumed = Tracker(MLflowConfig(**FAST), tmp_path / "a", active=True, run_id=ids[0])
+    resumed.log_metrics({"loss": 0.25}, step=8)
+    assert resumed.flush(timeout=120) and resumed.run_id == ids[0]
+    resumed.close()
+    assert _history(client, ids[0], "loss") == [(7, 0.5), (8, 0.25)]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_local_store_elsewhere_keeps_its_artifacts_beside_its_db(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "stores" / "mine" / "mlflow.db"
+    tracker = Tracker(MLflowConfig(tracking_uri=f"sqlite:///{db}", experiment="beside", **FAST), tmp_path / "run",
+                      active=True)
     tracker.log_dict({"a": 1}, "config.json")
     assert tracker.flush(timeout=120)
-    assert tracker.close()["sent"] == 1
-    assert (run_dir / "mlflow.db").is_file()
-    assert [p.name for p in (run_dir / "mlartifacts").rglob("config.json")] == ["config.json"]
-    assert list(cwd.iterdir()) == []
-    assert _history(MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}"), tracker.run_id, "loss") == [(7, 0.5)]
+    tracker.close()
+    exp = MlflowClient(f"sqlite:///{db}").get_experiment_by_name("beside")
+    assert exp.artifact_location == str(db.parent / "mlruns" / exp.experiment_id)   # MLflow's own layout
+    assert [p.name for p in (db.parent / "mlruns").rglob("config.json")] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "stores"]   # nothing in the working directory
+
+
+def test_run_times_are_the_trainings_not_the_background_threads(tmp_path, monkeypatch):
+    """The run is created by the thread whenever the store answers: its start time is the one training
+    passed, earlier than its first metric, and its end time is when close() was called."""
+    monkeypatch.chdir(tmp_path)
+    started = int(time.time() * 1000) - 60_000   # training started a minute before the tracker
+    tracker = Tracker(MLflowConfig(**FAST), tmp_path / "run", active=True, start_ms=started)
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    assert tracker.flush(timeout=120)
+    time.sleep(1.0)
+    closing = int(time.time() * 1000)
+    tracker.close()
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id)
+    assert run.info.start_time == started
+    assert closing <= run.info.end_time <= closing + 500   # not when the thread got to it
+    assert run.info.status == "FINISHED"
 
 
 def test_inactive_tracker_does_nothing(tmp_path):
@@ -226,7 +278,7 @@ from mebt.train.tracking import HTTP_POLICY, mlflow_client
 
 uri, run_dir = sys.argv[1], sys.argv[2]
 start = time.monotonic()
-message = log_to_mlflow({"mlflow_run_id": "0" * 32, "config": {"mlflow": {"tracking_uri": uri}}, "run_dir": run_dir,
+logged, message = log_to_mlflow({"mlflow_run_id": "0" * 32, "config": {"mlflow": {"tracking_uri": uri}}, "run_dir": run_dir,
                          "step": 3, "tag": "global_step3"}, {"metrics": {"fvd": 1.0}}, [])
 evaluate_s = time.monotonic() - start
 start = time.monotonic()
@@ -262,7 +314,7 @@ def test_every_mlflow_client_gives_up_on_a_dead_server_within_seconds(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["policy"] == result["expected"]
-    assert result["message"].startswith("MLflow logging failed (") and "\n" not in result["message"]
+    assert result["message"].startswith("not logged: MLflow logging failed (") and "\n" not in result["message"]
     assert result["runs_error"].startswith(f"cannot read MLflow tracking store {uri}")
     assert result["tracker_error"] == "MlflowException"
     assert max(result["evaluate_s"], result["runs_s"], result["tracker_s"]) < 10, result

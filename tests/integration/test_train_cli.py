@@ -1,6 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -89,6 +91,28 @@ def test_data_synth_cli_writes_and_resumes(tmp_path, capsys):
     assert "0 videos written, 3 already there" in capsys.readouterr().out
     assert main(args[:-1] + ["48"]) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_long_job_is_one_line_and_the_rerun_resumes(tmp_path):
+    out = tmp_path / "videos"
+    cmd = [sys.executable, "-m", "mebt.cli", "data", "synth", str(out), "--num-videos", "400", "--frames", "8",
+           "--resolution", "32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.mp4"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("mebt")] == [
+        "mebt: interrupted; finished work is kept: run the same command to resume"]
+    assert "Traceback" not in err
+    kept = len(list(out.glob("*.mp4")))
+    assert 2 <= kept < 400
+    again = subprocess.run([*cmd[:-6], "--num-videos", str(kept + 1), "--frames", "8", "--resolution", "32"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"1 videos written, {kept} already there" in again.stdout
 
 
 def test_preprocess_verify_stats_cli_end_to_end(tmp_path, capsys):

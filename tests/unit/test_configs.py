@@ -51,18 +51,30 @@ def test_every_shipped_config_validates():
         assert load_config(RunConfig, path, extra).model.block_size > 0, path
 
 
-def test_the_model_takes_the_datasets_grid_and_vocabulary_unless_set(tmp_path):
+def test_the_model_takes_the_datasets_grid_vocabulary_and_tokenizer_unless_set(tmp_path):
     from data_pipeline.manifest import write_dataset_json
-    from mebt.train.config import shape_from_dataset
+    from mebt.fsutil import file_sha256
+    from mebt.train.config import defaults_from_dataset
 
-    write_dataset_json(tmp_path, {"grid": [8, 16, 16], "codebook_size": 128})
+    tokenizer = tmp_path / "tok.ckpt"
+    tokenizer.write_bytes(b"the tokenizer that made the codes")
+    write_dataset_json(tmp_path, {"grid": [8, 16, 16], "codebook_size": 128, "tokenizer": str(tokenizer),
+                                  "tokenizer_sha256": file_sha256(tokenizer)})
     data = {"data": {"data_dir": str(tmp_path)}}
-    assert shape_from_dataset(data)["model"] == {"latent_shape": [8, 16, 16], "vocab_size": 128}
-    cropped = shape_from_dataset({"data": {"data_dir": str(tmp_path), "crop_frames": 3}})
+    filled = defaults_from_dataset(data)
+    assert filled["model"] == {"latent_shape": [8, 16, 16], "vocab_size": 128}
+    assert filled["train"] == {"tokenizer": str(tokenizer)}
+    cropped = defaults_from_dataset({"data": {"data_dir": str(tmp_path), "crop_frames": 3}})
     assert cropped["model"]["latent_shape"] == [3, 16, 16]
-    explicit = {"data": {"data_dir": str(tmp_path)}, "model": {"latent_shape": [4, 8, 8], "vocab_size": 8}}
-    assert shape_from_dataset(explicit) == explicit    # kept; the loader reports the contradiction
-    assert shape_from_dataset({"data": {"data_dir": str(tmp_path / "none")}}) == {"data": {"data_dir": str(tmp_path / "none")}}
+    explicit = {"data": {"data_dir": str(tmp_path)}, "model": {"latent_shape": [4, 8, 8], "vocab_size": 8},
+                "train": {"tokenizer": None}}
+    assert defaults_from_dataset(explicit) == explicit    # kept; the loader reports the contradiction
+    tokenizer.write_bytes(b"retrained since: not the one that made the codes")
+    assert "tokenizer" not in defaults_from_dataset(data)["train"]
+    tokenizer.unlink()
+    assert "tokenizer" not in defaults_from_dataset(data)["train"]
+    nowhere = {"data": {"data_dir": str(tmp_path / "none")}}
+    assert defaults_from_dataset(nowhere) == nowhere
 
 
 def test_print_config_shows_the_resolved_config_with_docs(tmp_path, capsys):
