@@ -5,7 +5,10 @@ as on a warm local disk), then times whole epochs of the loader in one process a
 DataLoader workers, next to a raw in-memory bound: ``np.frombuffer`` over the same shard bytes, already
 read, at known offsets, stacked and cast to int64 tensors batch by batch. The raw bound does no I/O,
 no tar parsing, no checks, no shuffling and no metadata; the gap to it is the loader's own cost. A row
-with ``verify: sha256`` shows what hashing every shard adds.
+with ``verify: sha256`` shows what hashing every shard adds. The same dataset is then read over loopback
+HTTP (``python -m http.server`` on 127.0.0.1 in its own process, serving the folder; the loader fetches
+whole shards by their WebDataset spec, one prefetched): its clips/s is shown next to the local
+directory's in the same run.
 """
 from __future__ import annotations
 
@@ -21,15 +24,18 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.common import print_table, print_target, ratio
-from data_pipeline.loader import LoaderConfig, make_loader, tar_members
+from benchmarks.http_server import ServerProcess
+from data_pipeline.loader import LoaderConfig, make_loader
 from data_pipeline.manifest import DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS
 from data_pipeline.shard_format import CODES_EXT, ShardWriter, shard_name
+from data_pipeline.shard_reader import tar_members
 from mebt.fsutil import file_sha256, write_json
 
 GRID = (4, 16, 16)
 VOCAB = 16384
 TARGET_CLIPS_PER_S = 20_000     # per process
 TARGET_FRACTION_OF_RAW = 0.5
+TARGET_HTTP_FRACTION = 0.5      # loopback HTTP vs the same shards in a local directory
 
 
 def write_dataset(root: Path, num_clips: int, shard_size: int, seed: int) -> None:
@@ -68,7 +74,8 @@ def raw_bound(root: Path, batch_size: int) -> tuple[int, float]:
     return len(clips), time.perf_counter() - start
 
 
-def time_loader(root: Path, args: argparse.Namespace, workers: int, verify: str = "size") -> tuple[int, float, float]:
+def time_loader(root: Path | str, args: argparse.Namespace, workers: int,
+                verify: str = "size") -> tuple[int, float, float]:
     """(clips, seconds of the fastest epoch, seconds of the first) over ``--epochs`` whole epochs, worker
     start-up included. The first epoch also parses and checks every shard's tar layout; later epochs in
     the same process reuse it (workers start afresh each epoch, so they parse again)."""
@@ -123,11 +130,17 @@ def run(root: Path, args: argparse.Namespace) -> dict:
           f"{args.batch_size}; {os.cpu_count()} cores, load average {load:.1f} (other processes share them)")
     rows = []
     raw_clips, raw_seconds = raw_bound(root, args.batch_size)
-    for name, workers, verify, (clips, seconds, first) in [
-            ("raw in-memory bound", 0, None, (raw_clips, raw_seconds, raw_seconds)),
-            ("loader, 1 process", 0, "size", time_loader(root, args, 0)),
-            ("loader, 1 process, sha256", 0, "sha256", time_loader(root, args, 0, "sha256")),
-            (f"loader, {args.workers} workers", args.workers, "size", time_loader(root, args, args.workers))]:
+    names = sorted(p.name for p in root.glob("bench-*.tar"))
+    with ServerProcess(root) as server:
+        http = f"{server.url}/bench-{{{names[0][6:12]}..{names[-1][6:12]}}}.tar"
+        timed = [("raw in-memory bound", 0, None, (raw_clips, raw_seconds, raw_seconds)),
+                 ("loader, 1 process", 0, "size", time_loader(root, args, 0)),
+                 ("loader, 1 process, HTTP", 0, "size", time_loader(http, args, 0)),
+                 ("loader, 1 worker", 1, "size", time_loader(root, args, 1)),
+                 ("loader, 1 worker, HTTP", 1, "size", time_loader(http, args, 1)),
+                 ("loader, 1 process, sha256", 0, "sha256", time_loader(root, args, 0, "sha256")),
+                 (f"loader, {args.workers} workers", args.workers, "size", time_loader(root, args, args.workers))]
+    for name, workers, verify, (clips, seconds, first) in timed:
         rows.append({"name": name, "workers": workers, "verify": verify, "clips": clips, "seconds": seconds,
                      "clips_per_s": ratio(clips, seconds), "first_epoch_clips_per_s": ratio(clips, first)})
     raw = rows[0]["clips_per_s"]
@@ -138,14 +151,21 @@ def run(root: Path, args: argparse.Namespace) -> dict:
                 [[r["name"], str(r["clips"]), f"{r['seconds']:.3f}", f"{r['clips_per_s']:,.0f}",
                   f"{r['fraction_of_raw']:.0%}", f"{r['first_epoch_clips_per_s']:,.0f}",
                   f"{r['first_epoch_fraction_of_raw']:.0%}"] for r in rows])
-    single = rows[1]
+    single, http_single, worker, http_worker = rows[1:5]
     print("targets (the default loader, verify: size, in one process, fastest epoch; the first epoch also "
           "parses every tar):")
     print_target("loader clips/s in one process", single["clips_per_s"], ">=", TARGET_CLIPS_PER_S)
     print_target("loader fraction of the raw bound", single["fraction_of_raw"], ">=", TARGET_FRACTION_OF_RAW)
+    print_target("loopback HTTP clips/s as a fraction of the local directory's, 1 worker",
+                 ratio(http_worker["clips_per_s"], worker["clips_per_s"]), ">=", TARGET_HTTP_FRACTION)
+    print(f"  (in the main process, no worker: HTTP {ratio(http_single['clips_per_s'], single['clips_per_s']):.2f} of "
+          "local, whose mapped page-cache reads are nearly free)")
     return {"benchmark": "loader_throughput", "grid": list(GRID), "clips": args.clips, "shard_size": args.shard_size,
             "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "load_average": load, "rows": rows,
-            "targets": {"clips_per_s": TARGET_CLIPS_PER_S, "fraction_of_raw": TARGET_FRACTION_OF_RAW}}
+            "http_fraction_of_local": {"1_worker": ratio(http_worker["clips_per_s"], worker["clips_per_s"]),
+                                       "main_process": ratio(http_single["clips_per_s"], single["clips_per_s"])},
+            "targets": {"clips_per_s": TARGET_CLIPS_PER_S, "fraction_of_raw": TARGET_FRACTION_OF_RAW,
+                        "http_fraction_of_local": TARGET_HTTP_FRACTION}}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Streaming, exactly resumable loader over a preprocessed dataset directory (tar shards + Parquet manifest).
+"""Streaming, exactly resumable loader over a preprocessed dataset (tar shards + Parquet manifest) in a
+directory or at shard URLs (a WebDataset spec over http(s), pipe: or files; ``data_pipeline.sources``).
 
 ``make_loader(cfg, rank, world_size, expect_grid, expect_vocab)`` returns a ``ShardLoader``:
 
@@ -18,8 +19,9 @@
 Clips may differ in T' (a length curriculum's dataset): set ``crop_frames`` to at most the shortest clip
 and every sample is cropped to that many latent frames at an offset drawn from its stream's seed.
 
-Reading: metadata comes from ``manifest.parquet`` (no per-sample JSON), and a shard is read whole and
-parsed with numpy (``tar_members``), not through webdataset or tarfile. Webdataset's pipeline keeps its
+Reading (``data_pipeline.shard_reader``): metadata comes from ``manifest.parquet`` (no per-sample JSON),
+and a shard is read whole and parsed with numpy (``tar_members``), not through webdataset or tarfile
+(which read the same files: a test checks webdataset yields the same samples). Webdataset's pipeline keeps its
 shard position and shuffle buffer in generator state that can be neither saved nor fast-forwarded
 without re-reading every sample before the resume point; and per 1024-code clip it measured ~93 us
 (pipeline with decoding), ~39 us (its tar iterator alone) and ~33 us (tarfile) on this project's CPU
@@ -30,25 +32,25 @@ evenly spaced clips are gathered into batches straight from the mapping; the che
 and inode are unchanged, so a steady-state epoch does no tar parsing (webdataset's indexed "wids" reader
 makes the same trade with index files). A shard rewritten in place *while* it is being read is not
 supported (the mapping would see the new bytes); mebt's writers always write a new file and rename it.
+A shard at a URL is fetched whole into memory (timeout, retries, backoff; see ``sources``) and parsed the
+same way; each stream holds at most ``max_shards_in_memory`` of them and fetches the next one its plan
+needs in a background thread. The plan is computed from the manifest alone, so rank and worker split,
+resume, the corrupt-shard policy and the sha256 check are the same for a directory and for URLs.
 
 Corrupt shards (size or sha256 differing from shards.parquet, a broken tar, keys that differ from the
 manifest, malformed arrays, codes outside the codebook) raise ``CorruptShardError`` with
 ``on_corrupt: fail``. With ``skip`` each one is reported once per loader as a ``CorruptShardWarning``
 with a running count, and each of its samples is replaced by the sample at the same position (modulo
 size) of the next readable shard in the epoch's shard order, flagged ``pad``: batch shapes and counts
-never change, and the choice depends only on the files, so it resumes exactly. Reading never blocks on
-bad data: a worker reports the error as a batch and the main process raises it.
+never change, and the choice depends only on the files, so it resumes exactly. A shard URL that still
+fails after the retries is corrupt in this sense (fail: one line naming the URL and the last cause).
+Reading never blocks on bad data: a worker reports the error as a batch and the main process raises it.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import mmap
-import os
-import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -65,8 +67,9 @@ from data_pipeline.loader_state import (
     stream_of_worker,
 )
 from data_pipeline.manifest import DatasetError
-from data_pipeline.shard_format import CODES_EXT
-from mebt.errors import ConfigError
+from data_pipeline.shard_reader import _Corrupt, clips_from_bytes, read_clips
+from data_pipeline.sources import FetchError, ShardSource
+from mebt.errors import ConfigError, first_line
 
 
 class CorruptShardError(DatasetError):
@@ -77,13 +80,9 @@ class CorruptShardWarning(UserWarning):
     """A corrupt shard skipped with ``on_corrupt: skip``."""
 
 
-class _Corrupt(Exception):
-    """Why a shard's bytes are unusable; turned into an error or a warning by the caller."""
-
-
 @dataclass
 class LoaderConfig:
-    data_dir: str = ""
+    data_dir: str = ""                  # dataset dir, dir URL, or shard spec PREFIX-{000000..000127}.tar
     split: str | None = None            # keep only manifest rows of this split (None: every row)
     batch_size: int = 32
     shuffle: bool = True                # shard order per epoch and the sample shuffle buffer
@@ -96,6 +95,17 @@ class LoaderConfig:
     drop_last: bool = True              # True: drop the epoch's remainder; False: pad it by wrapping around
     crop_frames: int | None = None      # yield this many latent frames at a seeded random offset
     pin_memory: bool = False
+    # Shards at URLs (http, https, pipe:; see data_pipeline.sources):
+    meta_dir: str | None = None         # dir/URL of dataset.json, manifest, shards.parquet; default: by the shards
+    timeout_s: float = 60.0             # per request: the whole transfer of one file (or the pipe command's run)
+    retries: int = 3                    # more attempts after a failed fetch, waiting retry_backoff_s x 1, 2, 4, ...
+    retry_backoff_s: float = 1.0
+    max_shards_in_memory: int = 8       # fetched shards each stream (rank or worker) holds, prefetched one included
+    cache_dir: str | None = None        # keep fetched shards here, read them from disk later (default: write nothing)
+
+    def source(self) -> ShardSource:
+        return ShardSource(self.data_dir, self.meta_dir, timeout_s=self.timeout_s, retries=self.retries,
+                           retry_backoff_s=self.retry_backoff_s, cache_dir=self.cache_dir)
 
     def __post_init__(self):
         if not self.data_dir:
@@ -103,188 +113,16 @@ class LoaderConfig:
         for key in ("batch_size", "shuffle_buffer", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("seed", "num_workers"):
+        for key in ("seed", "num_workers", "retries", "retry_backoff_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"config key 'timeout_s' must be > 0, got {self.timeout_s}")
+        if self.max_shards_in_memory < 2:
+            raise ConfigError(f"config key 'max_shards_in_memory' must be >= 2 (one read, one prefetched), got "
+                              f"{self.max_shards_in_memory}")
         if self.crop_frames is not None and self.crop_frames < 1:
             raise ConfigError(f"config key 'crop_frames' must be >= 1 or null, got {self.crop_frames}")
-
-
-# --- reading one shard -------------------------------------------------------------------------------
-
-_BLOCK = 512
-
-
-def _blocks(buf: bytes) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.uint8, count=len(buf) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)
-
-
-def _octal(fields: np.ndarray) -> np.ndarray:
-    """Values of fixed-width octal fields [n, width] (garbage where a byte is not a digit: check separately)."""
-    value = np.zeros(len(fields), dtype=np.int64)
-    for column in fields.T:
-        value = value * 8 + column - ord("0")
-    return value
-
-
-def tar_members(buf: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(names as bytes, data offsets, sizes) of every regular file of a tar image, in archive order.
-
-    Parsed with numpy in a few vector operations (tarfile spends ~15 us a member in Python): the blocks
-    that carry the ustar magic are taken as headers, and accepted only if their sizes (all octal digits)
-    chain them exactly from the first block to the end-of-archive block, every one is a regular file and
-    none has a name prefix. Anything else (pax or GNU long names, other layouts, a data block that looks
-    like a header, damage) goes through tarfile, which reads the other layouts and rejects the damage.
-    Header checksums are not summed (that would double the cost): the fields used here, names and
-    sizes, are checked against the manifest and the chain, and the others do not matter to the loader.
-    """
-    blocks = _blocks(buf)
-    at = np.flatnonzero(blocks[:, 257] == ord("u"))
-    at = at[(blocks[at, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)]
-    # Only the fields used are gathered: copying whole header blocks would double the cost.
-    size_digits = blocks[at, 124:135]   # tarfile writes 11 octal digits and a NUL
-    sizes = _octal(size_digits)
-    following = at + 1 + -(-sizes // _BLOCK)
-    chained = len(at) > 0 and at[0] == 0 and np.array_equal(at[1:], following[:-1]) \
-        and following[-1] < len(blocks) and not blocks[following[-1]].any()
-    if not (chained and ((size_digits >= ord("0")) & (size_digits < ord("8"))).all()
-            and np.isin(blocks[at, 156], (0, ord("0"))).all() and not blocks[at, 345].any()):
-        return _tarfile_members(buf)
-    return blocks[at, :100].view("S100").ravel(), (at + 1) * _BLOCK, sizes
-
-
-def _tarfile_members(buf: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tar:
-            members = [m for m in tar if m.isfile()]
-    except (tarfile.TarError, EOFError) as e:
-        raise _Corrupt(f"unreadable tar ({e})") from None
-    return (np.array([m.name.encode() for m in members], dtype="S"),
-            np.array([m.offset_data for m in members], dtype=np.int64),
-            np.array([m.size for m in members], dtype=np.int64))
-
-
-def _npy_header(buf: bytes, offset: int, size: int) -> tuple[int, np.dtype, tuple]:
-    """(header length, dtype, shape) of the .npy member at ``offset``, which must hold a C-order integer grid."""
-    stream = io.BytesIO(buf[offset:offset + min(size, 4096)])
-    try:
-        version = np.lib.format.read_magic(stream)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(stream)
-    except ValueError as e:
-        raise _Corrupt(f"unreadable .npy header ({e})") from None
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if dtype.kind not in "iu" or fortran or len(shape) != 3 or stream.tell() + nbytes != size:
-        raise _Corrupt(f"codes are not a C-order integer [T', H', W'] array filling their member ({dtype}, {shape})")
-    return stream.tell(), dtype, shape
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a shard's clips lie, found and checked by one full read; reused while the file is unchanged."""
-    offsets: np.ndarray     # data offset (after the tar header) of each codes member, in tar order
-    sizes: np.ndarray
-    header_len: int         # .npy header length when every clip shares one header and shape, else 0
-    dtype: np.dtype | None
-    shape: tuple | None
-
-
-def read_clips(path: Path, *, size: int, sha256: str | None, members: np.ndarray, shapes: np.ndarray,
-               vocab: int | None, layouts: dict | None = None) -> np.ndarray:
-    """Every clip of one shard as one block [n, T', H', W'] in tar order; raises ``_Corrupt`` with the reason.
-
-    ``members`` and ``shapes`` are the codes member names (bytes) and [T', H', W'] of the shard's samples in
-    tar order, from the manifest; the shard must agree with both. Clips shorter than the longest are
-    zero-padded at the end.
-
-    The file is memory-mapped, and when its clips are evenly spaced (the usual case: equal codes and
-    metadata members) the block returned is a strided view of the mapping, read straight from the page
-    cache with no copy; otherwise the clips are copied out. ``layouts`` (path -> checked layout) lets a
-    loader that reads the shard again (next epoch) skip the tar parse and the checks: an entry is reused
-    only while the file's size, mtime, inode and device are those it was checked with; ``sha256`` is
-    verified on every read.
-    """
-    try:
-        with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
-            if stat.st_size != size or not size:
-                raise _Corrupt(f"{stat.st_size} bytes, shards.parquet says {size} (truncated or rewritten)")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as e:
-        raise _Corrupt(f"unreadable ({e.strerror})") from None
-    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
-        raise _Corrupt("sha256 differs from shards.parquet")
-    identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
-    cached = layouts.get(path) if layouts is not None else None
-    if cached is not None and cached[0] == identity:
-        return _clips(buf, cached[1], shapes)
-    layout = _find_layout(buf, members, shapes)
-    clips = _check_range(_clips(buf, layout, shapes), vocab)
-    if layouts is not None:
-        layouts[path] = (identity, layout)
-    return clips
-
-
-def _find_layout(buf, members: np.ndarray, shapes: np.ndarray) -> _Layout:
-    names, offsets, sizes = tar_members(buf)
-    is_codes = np.char.endswith(names, f".{CODES_EXT}".encode())
-    found = names[is_codes]
-    common = min(len(found), len(members))
-    differ = np.flatnonzero(found[:common] != members[:common])
-    if len(found) != len(members) or len(differ):
-        first = int(differ[0]) if len(differ) else common
-        raise _Corrupt(f"holds {len(found)} samples, the manifest lists {len(members)}; they differ from "
-                       f"sample {first} on")
-    offsets, sizes = offsets[is_codes], sizes[is_codes]
-    header_len, dtype, shape = _npy_header(buf, int(offsets[0]), int(sizes[0]))
-    blocks = _blocks(buf)
-    first = offsets // _BLOCK   # members start on block boundaries
-    if (header_len <= _BLOCK and (sizes == sizes[0]).all()
-            and (blocks[first, :header_len] == blocks[first[0], :header_len]).all()):
-        if not (shapes == shape).all():
-            raise _Corrupt(f"clips are {list(shape)}, the manifest says otherwise")
-        return _Layout(offsets, sizes, header_len, dtype, tuple(shape))
-    for off, n, expected_shape in zip(offsets.tolist(), sizes.tolist(), shapes.tolist()):
-        if list(_npy_header(buf, off, n)[2]) != expected_shape:
-            raise _Corrupt(f"a clip is {list(_npy_header(buf, off, n)[2])}, the manifest says {expected_shape}")
-    return _Layout(offsets, sizes, 0, None, None)
-
-
-def _clips(buf, layout: _Layout, shapes: np.ndarray) -> np.ndarray:
-    offsets = layout.offsets
-    if layout.header_len:
-        count = int(np.prod(layout.shape))
-        step = np.unique(np.diff(offsets))
-        if len(step) <= 1:
-            # Evenly spaced: a view of the mapping (the array keeps the mmap alive; nothing is copied).
-            return np.ndarray((len(offsets), count), dtype=layout.dtype, buffer=buf,
-                              offset=int(offsets[0]) + layout.header_len,
-                              strides=(int(step[0]) if len(step) else 0, layout.dtype.itemsize)
-                              ).reshape(len(offsets), *layout.shape)
-        blocks = _blocks(buf)
-        span = -(-int(layout.sizes[0]) // _BLOCK)
-        data = blocks[(offsets // _BLOCK)[:, None] + np.arange(span)].reshape(len(offsets), span * _BLOCK)
-        return data[:, layout.header_len:int(layout.sizes[0])].view(layout.dtype).reshape(len(offsets), *layout.shape)
-    clips = np.zeros((len(offsets), *shapes.max(axis=0)), dtype=np.int64)
-    for clip, off, n in zip(clips, offsets.tolist(), layout.sizes.tolist()):
-        header_len, dtype, shape = _npy_header(buf, off, n)
-        clip[:shape[0]] = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)), offset=off + header_len
-                                        ).reshape(shape)
-    return clips
-
-
-def _check_range(codes: np.ndarray, vocab: int | None) -> np.ndarray:
-    # An out-of-range code would fail much later as an embedding index error on the accelerator.
-    if not codes.size:
-        return codes
-    if vocab is not None and codes.dtype.kind == "i" and vocab <= np.iinfo(codes.dtype).max + 1:
-        # One pass instead of min and max: seen as unsigned, negative codes are >= 2^(bits-1) >= vocab.
-        valid = codes.view(codes.dtype.str.replace("i", "u")).max() < vocab
-    else:
-        valid = codes.min() >= 0 and (vocab is None or codes.max() < vocab)
-    if not valid:
-        raise _Corrupt(f"codes span [{codes.min()}, {codes.max()}], outside the codebook [0, {vocab})")
-    return codes
 
 
 # --- one worker stream ---------------------------------------------------------------------------------
@@ -293,36 +131,87 @@ class _StreamReader:
     """Builds one stream's batches from its plan, reading each shard when a batch first needs it.
 
     A shard's block stays in memory until the last of its samples in the plan has been yielded, so memory
-    follows the shuffle buffer (the shards with samples still in it), not the whole stream.
+    follows the shuffle buffer (the shards with samples still in it), not the whole stream. Shards fetched
+    from URLs are bounded too: at most ``max_shards_in_memory`` blocks (the least recently used one not in
+    the current batch is dropped and fetched again if needed later), and the next shard of the plan is
+    fetched in a background thread while the current ones are consumed.
     """
 
     def __init__(self, index: DatasetIndex, cfg: LoaderConfig, plan: StreamPlan, grid: tuple, first: int,
                  layouts: dict):
         self.index, self.cfg, self.plan, self.grid, self.layouts = index, cfg, plan, grid, layouts
         self.num_batches = len(plan.rows) // cfg.batch_size
-        shards, uses = np.unique(index.row_shard[plan.rows[first * cfg.batch_size:]], return_counts=True)
+        upcoming = index.row_shard[plan.rows[first * cfg.batch_size:]]
+        shards, uses = np.unique(upcoming, return_counts=True)
         self.uses = dict(zip(shards.tolist(), uses.tolist()))   # samples of each shard still to yield
-        self.blocks: dict[int, np.ndarray | None] = {}          # None: the shard is corrupt
+        self.blocks: dict[int, np.ndarray | None] = {}          # None: the shard is corrupt; in use order
         self.corrupt: list[tuple[str, str]] = []   # found since the last batch, reported with the next one
+        self.remote = index.source.remote
+        _, first_use = np.unique(upcoming, return_index=True)
+        self.order = upcoming[np.sort(first_use)].tolist()      # shards in the order the plan first needs them
+        self.next_up = 0
+        self.protected: set[int] = set()                        # the current batch's shards: never dropped
+        self.pool, self.pending = None, {}                      # the prefetch thread and its fetch
 
     def _load(self, shard: int) -> None:
         index, name = self.index, self.index.shard_names[shard]
         members, shapes = index.shard_samples(shard)
+        size, source = int(index.shard_bytes[shard]), index.source
+        sha256 = index.shard_sha256[shard] if self.cfg.verify == "sha256" else None
         try:
-            self.blocks[shard] = read_clips(index.data_dir / name, size=int(index.shard_bytes[shard]),
-                                            sha256=index.shard_sha256[shard] if self.cfg.verify == "sha256" else None,
-                                            members=members, shapes=shapes, vocab=index.codebook_size,
-                                            layouts=self.layouts)
-        except _Corrupt as e:
+            path = source.local_path(name)
+            if path is not None:
+                block = read_clips(path, size=size, sha256=sha256, members=members, shapes=shapes,
+                                   vocab=index.codebook_size, layouts=self.layouts)
+            else:
+                self._make_room()
+                pending = self.pending.pop(shard, None)
+                data = pending.result() if pending is not None else source.read_shard(name, size)
+                block = clips_from_bytes(data, size=size, sha256=sha256, members=members, shapes=shapes,
+                                         vocab=index.codebook_size)
+        except (_Corrupt, FetchError) as e:
+            where = source.shard_url(name)
             if self.cfg.on_corrupt == "fail":
-                raise CorruptShardError(f"shard '{index.data_dir / name}' is corrupt: {e} (set on_corrupt: skip to "
-                                        "skip it)") from None
-            self.blocks[shard] = None
-            self.corrupt.append((name, str(e)))
+                what = str(e) if isinstance(e, FetchError) else f"shard '{where}' is corrupt: {e}"
+                raise CorruptShardError(f"{what} (set on_corrupt: skip to go on without it)") from None
+            block = None
+            self.corrupt.append((name, first_line(e)))
+        self.blocks[shard] = block
+        if self.remote:
+            self._prefetch()
+
+    def _make_room(self) -> None:
+        """Drop least recently used blocks (not the current batch's) down to the limit, minus one for the new one."""
+        limit = self.cfg.max_shards_in_memory - 1 - len(self.pending)
+        for shard in [s for s, b in self.blocks.items() if b is not None and s not in self.protected]:
+            if sum(b is not None for b in self.blocks.values()) <= max(limit, 0):
+                break
+            del self.blocks[shard]
+
+    def _prefetch(self) -> None:
+        """Start fetching the next shard the plan needs that is neither held nor being fetched."""
+        source, names = self.index.source, self.index.shard_names
+        while self.next_up < len(self.order) and (self.order[self.next_up] in self.blocks
+                                                  or self.order[self.next_up] in self.pending
+                                                  or source.local_path(names[self.order[self.next_up]]) is not None):
+            self.next_up += 1   # held, being fetched, or on disk (cache_dir): nothing to fetch
+        held = sum(b is not None for b in self.blocks.values())
+        if self.next_up == len(self.order) or self.pending or held >= self.cfg.max_shards_in_memory:
+            return
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mebt-prefetch")
+        shard = self.order[self.next_up]
+        name = self.index.shard_names[shard]
+        self.pending[shard] = self.pool.submit(self.index.source.read_shard, name, int(self.index.shard_bytes[shard]))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _block(self, shard: int) -> np.ndarray | None:
         if shard not in self.blocks:
             self._load(shard)
+        self.blocks[shard] = self.blocks.pop(shard)   # most recently used last
         return self.blocks[shard]
 
     def _stand_in(self, row: int, offset: int) -> tuple[int, int]:
@@ -361,17 +250,20 @@ class _StreamReader:
         rows, offsets, pad = self.plan.rows[s].copy(), self.plan.frame_offsets[s].copy(), self.plan.pad[s].copy()
         shards = self.index.row_shard[rows]
         in_batch, used = np.unique(shards, return_counts=True)   # before stand-ins replace corrupt rows
+        self.protected = set(in_batch.tolist())
         corrupt = [shard for shard in in_batch.tolist() if self._block(shard) is None]
         if corrupt:
             bad = np.flatnonzero(np.isin(shards, corrupt))
             for i in bad.tolist():
                 rows[i], offsets[i] = self._stand_in(int(rows[i]), int(offsets[i]))
+                self.protected.add(int(self.index.row_shard[rows[i]]))
             pad[bad] = True
         codes = self._gather(rows, offsets)
         for shard, n in zip(in_batch.tolist(), used.tolist()):
             self.uses[shard] -= n
             if not self.uses[shard]:
-                del self.blocks[shard]
+                self.blocks.pop(shard, None)
+        self.protected = set()
         found, self.corrupt = self.corrupt, []
         return {"codes": torch.from_numpy(codes), **self.index.metadata(rows),
                 "frame_offset": torch.from_numpy(offsets), "pad": torch.from_numpy(pad), "corrupt_shards": found}
@@ -394,8 +286,11 @@ class _EpochStreams(IterableDataset):
             reader = _StreamReader(self.index, self.cfg, self.plan.stream(self.index.layout, self.rank, stream,
                                                                           self.epoch), self.grid, first,
                                     self.layouts)
-            for j in range(first, reader.num_batches):
-                yield {**reader.batch(j), "epoch": self.epoch, "batch_index": j * num_streams + stream}
+            try:
+                for j in range(first, reader.num_batches):
+                    yield {**reader.batch(j), "epoch": self.epoch, "batch_index": j * num_streams + stream}
+            finally:
+                reader.close()
         except CorruptShardError as e:
             # Sent as data so the main process raises it as one clean line instead of a worker traceback.
             yield {"error": str(e)}
@@ -472,7 +367,7 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, expect_gr
     """The loader of ``rank`` of ``world_size``; checks the dataset against the model's grid and vocabulary."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
-    index = DatasetIndex(cfg.data_dir, cfg.split)
+    index = DatasetIndex(cfg.source(), cfg.split)
     grid = index.grid(cfg.crop_frames)
     wrong = []
     if expect_grid is not None and tuple(expect_grid) != grid:

@@ -39,8 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from data_pipeline.manifest import MANIFEST, SAMPLE_SCHEMA, DatasetError, load_tables
+from data_pipeline.manifest import MANIFEST, SAMPLE_SCHEMA, DatasetError
 from data_pipeline.shard_format import CODES_EXT
+from data_pipeline.sources import ShardSource
 from mebt.config import refuse_changed_settings
 from mebt.errors import ConfigError
 
@@ -66,15 +67,17 @@ class DatasetIndex:
     Python objects so that forked workers do not copy them page by page through reference counting.
     """
 
-    def __init__(self, data_dir: str | Path, split: str | None):
-        self.data_dir = Path(data_dir)
-        if not self.data_dir.is_dir():
+    def __init__(self, data_dir: str | Path | ShardSource, split: str | None):
+        self.source = data_dir if isinstance(data_dir, ShardSource) else ShardSource(str(data_dir))
+        self.data_dir = str(self.source)   # for messages: the directory, URL or shard spec as given
+        local = self.source.local_dir
+        if local is not None and not local.is_dir():
             raise DatasetError(f"dataset directory '{self.data_dir}' does not exist; set data_dir to the output "
-                               "directory of mebt preprocess")
-        info, manifest, shards = load_tables(self.data_dir)
+                               "directory of mebt preprocess (or a shard URL spec)")
+        info, manifest, shards = self.source.read_tables()
         missing = [c for c in MANIFEST_COLUMNS if c not in manifest.column_names]
         if missing:
-            raise DatasetError(f"'{self.data_dir / MANIFEST}' lacks columns {missing}; rerun mebt data merge DIR")
+            raise DatasetError(f"'{self.source.meta_url(MANIFEST)}' lacks columns {missing}; rerun mebt data merge DIR")
         self.codebook_size = info.get("codebook_size")
         self.shard_names = shards.column("shard").to_pylist()
         self.shard_bytes = shards.column("bytes").to_numpy()
@@ -85,8 +88,9 @@ class DatasetIndex:
         if unknown:
             raise DatasetError(f"manifest of '{self.data_dir}' lists shard '{unknown[0]}' that shards.parquet does "
                                "not; rerun mebt data merge DIR")
-        for name in sorted(set(listed)):
-            if not (self.data_dir / name).is_file():
+        for name in sorted(set(listed)):   # every shard must be one the spec names; local ones must exist
+            path = self.source.local_path(name)
+            if path is not None and not path.is_file():
                 raise DatasetError(f"shard '{name}' listed in the manifest is missing from '{self.data_dir}'; "
                                    "restore it or rerun mebt preprocess for it")
 

@@ -92,9 +92,12 @@ class ShardWriter:
             self.abort()
 
 
-def read_shard(path: str | Path):
-    """Yield (key, codes, meta) from a shard in order; raises ``tarfile.TarError``/``ValueError`` if corrupt."""
-    with tarfile.open(path, "r") as tar:
+def read_shard(path: str | Path | bytes):
+    """Yield (key, codes, meta) from a shard (a file, or its bytes) in order; raises ``tarfile.TarError`` /
+    ``ValueError`` if corrupt."""
+    in_memory = isinstance(path, (bytes, bytearray))
+    opened = tarfile.open(fileobj=io.BytesIO(path), mode="r") if in_memory else tarfile.open(path, "r")
+    with opened as tar:
         pending: dict[str, dict] = {}
         for member in tar:
             if not member.isfile():
@@ -107,4 +110,4 @@ def read_shard(path: str | Path):
                 del pending[key]
                 yield key, decode_codes(group[CODES_EXT]), json.loads(group[META_EXT])
         if pending:
-            raise ValueError(f"shard '{path}' has incomplete samples: {sorted(pending)[:3]}")
+            raise ValueError(f"shard has incomplete samples: {sorted(pending)[:3]}")

@@ -8,6 +8,7 @@ gets one line naming it and its problems. A dataset of 0 clips fails too: there 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import tarfile
 from collections import defaultdict
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.manifest import META_FIELDS, DatasetError, expected_shards, load_tables
+from data_pipeline.manifest import META_FIELDS, DatasetError, expected_shards
 from data_pipeline.shard_format import CODES_DTYPE, read_shard
+from data_pipeline.sources import FetchError, ShardSource
 from mebt.fsutil import file_sha256
 
 # Problems listed per shard before the rest are only counted: one line per shard stays readable.
@@ -73,11 +75,12 @@ def _check_sample(codes: np.ndarray, meta: dict, row: dict, info: dict) -> list[
     return [f"sample '{row['key']}': {p}" for p in problems]
 
 
-def _check_contents(path: Path, rows: list[dict], info: dict) -> tuple[list[str], int]:
-    """Problems with the samples of one shard, and how many samples were read."""
+def _check_contents(shard: Path | bytes, rows: list[dict], info: dict) -> tuple[list[str], int]:
+    """Problems with the samples of one shard (a file, or the bytes fetched from a URL), and how many
+    samples were read."""
     problems, count = [], 0
     try:
-        for count, (key, codes, meta) in enumerate(read_shard(path), start=1):
+        for count, (key, codes, meta) in enumerate(read_shard(shard), start=1):
             if count > len(rows):
                 continue   # counted below; the manifest has no row to compare against
             row = rows[count - 1]
@@ -92,34 +95,61 @@ def _check_contents(path: Path, rows: list[dict], info: dict) -> tuple[list[str]
     return problems, count
 
 
+def _present(source: ShardSource, info: dict, recorded: set) -> set:
+    """The shards there are: a directory's files, the existing files a local spec names; at URLs (which
+    cannot be listed) the recorded ones, each found or not when it is read."""
+    if source.local_dir is not None:
+        return {p.name for p in source.local_dir.glob(f"{info['prefix']}-*.tar")}
+    if not source.remote:
+        return {name for name in source.names if source.local_path(name).is_file()}
+    return set(recorded)
+
+
+def _read(source: ShardSource, name: str) -> tuple[Path | bytes | None, str | None]:
+    """A shard as a local file or fetched bytes, or None and why not."""
+    path = source.local_path(name)
+    if path is not None:
+        return path, None
+    try:
+        return source.fetch(source.shard_url(name)), None
+    except FetchError as e:
+        return None, f"unreadable ({e})"
+
+
 def verify_dataset(out_dir: str | Path) -> VerifyReport:
-    """Check every shard of a merged dataset; the report names each bad shard and its problems."""
-    out_dir = Path(out_dir)
-    info, manifest, shards = load_tables(out_dir)
-    report = VerifyReport(str(out_dir), empty=manifest.num_rows == 0)
+    """Check every shard of a merged dataset (a directory or a shard spec, see ``data_pipeline.sources``);
+    the report names each bad shard and its problems."""
+    source = out_dir if isinstance(out_dir, ShardSource) else ShardSource(str(out_dir))
+    info, manifest, shards = source.read_tables()
+    report = VerifyReport(str(source), empty=manifest.num_rows == 0)
     rows_by_shard = defaultdict(list)
     for row in manifest.to_pylist():
         rows_by_shard[row["shard"]].append(row)
     recorded = {row["shard"]: row for row in shards.to_pylist()}
-    on_disk = {p.name for p in out_dir.glob(f"{info['prefix']}-*.tar")}
-    names = set(recorded) | set(rows_by_shard) | set(expected_shards(info)) | on_disk
+    present = _present(source, info, set(recorded))
+    names = set(recorded) | set(rows_by_shard) | set(expected_shards(info)) | present
     for name in sorted(names):
         problems = []
         if name not in recorded:
-            problems.append("not in the manifest" if name in on_disk else "not in shards.parquet")
-        elif name not in on_disk:
+            problems.append("not in the manifest" if name in present else "not in shards.parquet")
+        elif name not in present:
             problems.append("missing")
         else:
             summary, rows = recorded[name], sorted(rows_by_shard[name], key=lambda r: r["index"])
             if summary["num_samples"] != len(rows):
                 problems.append(f"shards.parquet says {summary['num_samples']} samples, "
                                 f"manifest.parquet lists {len(rows)}")
-            contents, count = _check_contents(out_dir / name, rows, info)
+            shard, why = _read(source, name)
+            if shard is None:
+                report.problems[name] = problems + [why]
+                continue
+            contents, count = _check_contents(shard, rows, info)
             problems += contents
-            size = (out_dir / name).stat().st_size
+            size = shard.stat().st_size if isinstance(shard, Path) else len(shard)
             if size != summary["bytes"]:
                 problems.append(f"{size} bytes, the manifest recorded {summary['bytes']}")
-            elif file_sha256(out_dir / name) != summary["sha256"]:
+            elif (file_sha256(shard) if isinstance(shard, Path) else hashlib.sha256(shard).hexdigest()) \
+                    != summary["sha256"]:
                 problems.append("sha256 differs from the manifest")
             report.shards_checked += 1
             report.samples_checked += count
@@ -141,23 +171,27 @@ def _code_usage(counts: np.ndarray) -> dict:
 
 
 def dataset_stats(out_dir: str | Path) -> dict:
-    """Counts, sizes and codebook usage of a merged dataset (reads every shard for the code histogram)."""
-    out_dir = Path(out_dir)
-    info, manifest, shards = load_tables(out_dir)
+    """Counts, sizes and codebook usage of a merged dataset, a directory or shard spec (reads every shard for
+    the code histogram)."""
+    source = out_dir if isinstance(out_dir, ShardSource) else ShardSource(str(out_dir))
+    info, manifest, shards = source.read_tables()
     counts = np.zeros(info["codebook_size"], dtype=np.int64)
     for name in shards.column("shard").to_pylist():
+        shard, why = _read(source, name)
+        if shard is None:
+            raise DatasetError(f"shard '{source.shard_url(name)}' is {why}; run mebt data verify")
         try:
-            for _, codes, _ in read_shard(out_dir / name):
+            for _, codes, _ in read_shard(shard):
                 counts += np.bincount(codes.ravel().astype(np.int64), minlength=len(counts))[:len(counts)]
         except (tarfile.TarError, ValueError, EOFError, OSError) as e:
-            raise DatasetError(f"shard '{out_dir / name}' is unreadable ({_one_line(e)}); "
+            raise DatasetError(f"shard '{source.shard_url(name)}' is unreadable ({_one_line(e)}); "
                                "run mebt data verify") from None
     per_split = defaultdict(lambda: {"videos": set(), "clips": 0})
     for split, video_id in zip(manifest.column("split").to_pylist(), manifest.column("video_id").to_pylist()):
         per_split[split]["videos"].add(video_id)
         per_split[split]["clips"] += 1
     return {
-        "dataset": str(out_dir),
+        "dataset": str(source),
         "videos": len(set(manifest.column("video_id").to_pylist())),
         "clips": manifest.num_rows,
         "shards": shards.num_rows,

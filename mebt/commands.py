@@ -27,7 +27,7 @@ class ConvertConfig:
 
 @dataclass
 class DatasetDirConfig:
-    dir: str = ""                    # dataset folder written by `mebt preprocess`
+    dir: str = ""                    # dataset folder written by `mebt preprocess`, or its shard URL spec
 
 
 @dataclass

@@ -167,11 +167,12 @@ def real_frame_stride(cfg: EvalConfig, info: dict) -> int:
     """The frame stride of real clips: given, else the one the training clips were cut with, else 1."""
     if cfg.real_frame_stride:
         return cfg.real_frame_stride
-    data_dir = ((info.get("config") or {}).get("data") or {}).get("data_dir")
+    data = (info.get("config") or {}).get("data") or {}
     try:
-        from data_pipeline.manifest import read_dataset_json
+        from data_pipeline.sources import read_dataset_info
 
-        return int(read_dataset_json(data_dir)["clip"]["frame_stride"]) if data_dir else 1
+        return int(read_dataset_info(data["data_dir"], data.get("meta_dir"))["clip"]["frame_stride"]) \
+            if data.get("data_dir") else 1
     except Exception:   # a dataset moved or deleted since training: the plain default
         return 1
 
@@ -289,13 +290,15 @@ def training_codes(info: dict, count: int, seed: int, grid) -> torch.Tensor | No
     if not data.get("data_dir"):
         return None
     try:
+        from dataclasses import replace
+
         from data_pipeline.loader import LoaderConfig, make_loader
 
-        loader = make_loader(LoaderConfig(data_dir=data["data_dir"], split=data.get("split"), batch_size=1,
-                                          shuffle=True, seed=seed, drop_last=False), expect_grid=tuple(grid))
-        loader = make_loader(LoaderConfig(data_dir=data["data_dir"], split=data.get("split"),
-                                          batch_size=min(count, loader.plan.num_samples), shuffle=True, seed=seed,
-                                          drop_last=False), expect_grid=tuple(grid))
+        # The run's data section as it was (a URL spec keeps its meta_dir, timeouts, cache), read here in order.
+        base = replace(from_dict(LoaderConfig, data, prefix="data."), batch_size=1, shuffle=True, seed=seed,
+                       drop_last=False, num_workers=0, crop_frames=None)
+        loader = make_loader(base, expect_grid=tuple(grid))
+        loader = make_loader(replace(base, batch_size=min(count, loader.plan.num_samples)), expect_grid=tuple(grid))
         return next(iter(loader))["codes"]
     except Exception as e:   # moved, deleted or another grid: the metric is left out, and the report says why
         log.warning(f"training clips for code_tv not read from '{data['data_dir']}': {first_line(e)}")

@@ -75,10 +75,10 @@ def defaults_from_dataset(data: dict) -> dict:
     model, train = data.get("model") or {}, data.get("train") or {}
     if not data_dir or ("latent_shape" in model and "vocab_size" in model and "tokenizer" in train):
         return data
-    from data_pipeline.manifest import read_dataset_json
+    from data_pipeline.sources import read_dataset_info
 
     try:
-        info = read_dataset_json(data_dir)
+        info = read_dataset_info(data_dir, (data.get("data") or {}).get("meta_dir"))
     except Exception:   # no dataset (yet) or not a local one: the loader says what is wrong when training starts
         return data
     crop = (data.get("data") or {}).get("crop_frames")

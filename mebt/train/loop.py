@@ -265,7 +265,8 @@ def train(cfg: RunConfig) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
             log.info(f"step {state.step}/{tc.steps}: loss {record['loss']:.4f}, acc1 {record['acc1']:.4f}, "
                      f"lr {record['lr']:.3g}, {record['samples_per_s']:.1f} clips/s, "
-                     f"{record['step_time_s']:.3f} s/step" + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
+                     f"{record['step_time_s']:.3f} s/step (data wait {record['data_wait_s'] * 1000:.1f} ms)"
+                     + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
             window = _Window(device)
 
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:

@@ -9,19 +9,12 @@ import pytest
 import torch
 
 from benchmarks import loader_throughput
-from data_pipeline import loader as loader_module
-from data_pipeline.loader import (
-    CorruptShardError,
-    CorruptShardWarning,
-    LoaderConfig,
-    _tarfile_members,
-    make_loader,
-    read_clips,
-    tar_members,
-)
+from data_pipeline import shard_reader as reader_module
+from data_pipeline.loader import CorruptShardError, CorruptShardWarning, LoaderConfig, make_loader
 from data_pipeline.loader_state import shuffle_buffer_order
 from data_pipeline.manifest import DATASET_JSON, MANIFEST, SAMPLE_SCHEMA, SHARD_SCHEMA, SHARDS, DatasetError
 from data_pipeline.shard_format import ShardWriter, read_shard, shard_name
+from data_pipeline.shard_reader import _tarfile_members, read_clips, tar_members
 from mebt.config import from_dict
 from mebt.errors import ConfigError, UserError
 from mebt.fsutil import file_sha256
@@ -375,7 +368,7 @@ def test_tar_parser_matches_tarfile_and_falls_back_for_long_names(tmp_path, monk
     slow = _tarfile_members(buf)
     fallbacks = []
     # This module's own reference to the tarfile parser stays unpatched.
-    monkeypatch.setattr(loader_module, "_tarfile_members", lambda data: fallbacks.append(1) or _tarfile_members(data))
+    monkeypatch.setattr(reader_module, "_tarfile_members", lambda data: fallbacks.append(1) or _tarfile_members(data))
     fast = tar_members(buf)
     assert not fallbacks and len(fast[0]) == 10
     assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
@@ -395,9 +388,15 @@ def test_benchmark_quick_writes_consistent_json(tmp_path, capsys):
     returned = loader_throughput.main(["--quick", "--clips", "600", "--batch-size", "64", "--json", str(path)])
     result = json.loads(path.read_text())
     assert result == json.loads(json.dumps(returned)) and result["benchmark"] == "loader_throughput"
-    raw, single, hashed, workers = result["rows"]
-    assert raw["clips"] == 600 and single["clips"] == hashed["clips"] == workers["clips"] == 576   # 9 batches of 64
-    assert [(r["workers"], r["verify"]) for r in result["rows"]] == [(0, None), (0, "size"), (0, "sha256"), (2, "size")]
+    raw, single, http, worker, http_worker, hashed, workers = result["rows"]
+    assert raw["clips"] == 600 and {r["clips"] for r in result["rows"][1:]} == {576}   # 9 batches of 64
+    assert [(r["name"], r["workers"], r["verify"]) for r in result["rows"]] == [
+        ("raw in-memory bound", 0, None), ("loader, 1 process", 0, "size"), ("loader, 1 process, HTTP", 0, "size"),
+        ("loader, 1 worker", 1, "size"), ("loader, 1 worker, HTTP", 1, "size"),
+        ("loader, 1 process, sha256", 0, "sha256"), ("loader, 2 workers", 2, "size")]
+    assert result["http_fraction_of_local"] == {
+        "1_worker": pytest.approx(http_worker["clips_per_s"] / worker["clips_per_s"]),
+        "main_process": pytest.approx(http["clips_per_s"] / single["clips_per_s"])}
     for row in result["rows"]:
         assert row["clips_per_s"] == pytest.approx(row["clips"] / row["seconds"])
         assert row["fraction_of_raw"] == pytest.approx(row["clips_per_s"] / raw["clips_per_s"])
