@@ -188,3 +188,28 @@ def test_the_model_shape_defaults_from_a_remote_dataset_json(codes_dir, server):
 
     filled = defaults_from_dataset({"data": {"data_dir": spec(server.url, codes_dir)}})
     assert filled["model"] == {"latent_shape": [2, 4, 4], "vocab_size": 8}
+
+
+def test_a_server_or_command_that_never_answers_times_out_each_attempt(tmp_path):
+    import socket
+
+    from data_pipeline.sources import FetchError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)   # connections complete in the backlog; nobody ever answers them
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/train-{{000000..000001}}.tar"
+    source = ShardSource(url, timeout_s=0.5, retries=1, retry_backoff_s=0.1)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=r"after 2 attempts \(0.5 s timeout each\): (TimeoutError|timeout)"):
+        source.fetch(source.shard_url("train-000000.tar"))
+    assert time.monotonic() - start < 10
+    silent.close()
+    marker = tmp_path / "still-running"
+    # A child of the command that would outlive a kill of the shell alone touches the marker after 1 s.
+    hanging = ShardSource(f"pipe:(sleep 1; touch {marker}) & sleep 30; cat x-{{0..1}}.tar", timeout_s=0.5,
+                          retries=0)
+    with pytest.raises(FetchError, match=r"ran more than 0.5 s"):
+        hanging.fetch(hanging.shard_url("x-0.tar"))
+    time.sleep(2.0)
+    assert not marker.exists()   # the whole process group was killed
