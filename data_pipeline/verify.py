@@ -181,8 +181,13 @@ def dataset_stats(out_dir: str | Path) -> dict:
         if shard is None:
             raise DatasetError(f"shard '{source.shard_url(name)}' is {why}; run mebt data verify")
         try:
-            for _, codes, _ in read_shard(shard):
-                counts += np.bincount(codes.ravel().astype(np.int64), minlength=len(counts))[:len(counts)]
+            for key, codes, _ in read_shard(shard):
+                if codes.size and (codes.min() < 0 or codes.max() >= len(counts)):   # a histogram would drop them
+                    raise DatasetError(f"shard '{source.shard_url(name)}', sample '{key}': codes in [{codes.min()}, "
+                                       f"{codes.max()}], outside the codebook [0, {len(counts)}); run mebt data verify")
+                counts += np.bincount(codes.ravel().astype(np.int64), minlength=len(counts))
+        except DatasetError:
+            raise
         except (tarfile.TarError, ValueError, EOFError, OSError) as e:
             raise DatasetError(f"shard '{source.shard_url(name)}' is unreadable ({_one_line(e)}); "
                                "run mebt data verify") from None

@@ -58,8 +58,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_at_least(self, ("steps", "log_every", "ckpt_every", "keep_last", "num_samples"), 1)
-        if self.sample_every < 0:
-            raise ConfigError(f"config key 'sample_every' must be >= 0, got {self.sample_every}")
+        check_at_least(self, ("sample_every", "seed"), 0)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"config key 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
 

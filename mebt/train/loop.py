@@ -45,6 +45,7 @@ from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config
 from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
 from mebt.train.optim import lr_scheduler
+from mebt.train.run_lock import RunDirLock
 from mebt.train.samples import SampleWriter
 from mebt.train.tracking import Tracker
 
@@ -181,8 +182,9 @@ def train(cfg: RunConfig) -> dict:
         torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
-    # 2. Process group, model, engine.
+    # 2. Process group, the run dir's lock (one training per run dir), model, engine.
     init_process_group(device)
+    lock = RunDirLock(tc.run_dir, active=env.rank == 0)
     import deepspeed
 
     seed_everything(tc.seed)   # the same initial weights on every rank
@@ -287,6 +289,7 @@ def train(cfg: RunConfig) -> dict:
     if preempted is None:
         samples.write(engine.module.model, state.step, tracker)
     sent = tracker.close(status="KILLED" if preempted else "FINISHED")
+    lock.release()
     result = {"step": state.step, "final_loss": final_loss,
               "run_dir": str(run_dir), "preempted": preempted,
               "mlflow_run_id": state.mlflow_run_id or tracker.run_id, "tracking": sent,

@@ -33,8 +33,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.0            # cosine decays to lr * min_lr_ratio at the run's last step + 1
 
     def __post_init__(self):
-        if self.lr <= 0:
+        # nan compares false with everything, so each check is written to fail on it.
+        for key in ("lr", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {getattr(self, key)}")
+        if not self.lr > 0:
             raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
+        if not self.eps > 0:
+            raise ConfigError(f"config key 'eps' must be positive, got {self.eps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"config key 'betas' must be two numbers in [0, 1), got {list(self.betas)}")
         check_at_least(self, ("weight_decay", "grad_clip", "warmup_steps"), 0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")

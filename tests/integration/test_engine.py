@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -259,6 +260,31 @@ def test_target_budget_training_loss_is_per_masked_position(codes_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [r["loss"] for r in trace(run_dir, 0)]
     assert len(losses) == 3 and all(0 < loss < math.log(8) / 4 for loss in losses), losses
+
+
+def test_a_run_dir_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(codes_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(codes_dir, run_dir, **{"train.steps": 100000, "train.ckpt_every": 3})
+    first = subprocess.Popen(command(1, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    wait_for(lambda: latest(run_dir) is not None, lambda: output_of(first), [first])
+    try:
+        for nproc in (1, 2):   # 2 processes: both stop with the line, neither waits for the other
+            second = run(nproc, overrides(codes_dir, run_dir, **{"train.steps": 100000}), timeout=240)
+            assert second.returncode != 0, second.stderr[-2000:]
+            lines = [line for line in second.stderr.splitlines() if line.startswith("mebt: error:")]
+            assert lines and lines[0] == (f"mebt: error: run dir '{run_dir}' is in use by another training (host "
+                                          f"{socket.gethostname()}, pid {first.pid}, started "
+                                          f"{lines[0].split('started ')[1].split(')')[0]}); stop it first, or train "
+                                          "into another train.run_dir"), second.stderr[-2000:]
+            assert nproc == 2 or "Traceback" not in second.stderr   # torchrun reports its failed children itself
+        assert first.poll() is None   # untouched by the refused starts
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)   # the holder dies without releasing: the kernel does
+        first.wait(timeout=60)
+    done = run(1, overrides(codes_dir, run_dir, **{"train.steps": int(latest(run_dir)[len("global_step"):]) + 2}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step" in done.stderr
 
 
 @pytest.mark.parametrize("extra, message", [

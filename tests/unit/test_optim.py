@@ -94,3 +94,20 @@ def test_one_optim_section_with_each_trainers_defaults():
                              ({"warmup": 5}, "unknown config key 'optim.warmup' \\(did you mean 'optim.warmup_steps'")):
             with pytest.raises(ConfigError, match=pattern):
                 from_dict(cls, {**data, "optim": bad})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", "config key 'optim.lr' must be a finite number, got nan"),
+    ("optim.lr=inf", "config key 'optim.lr' must be a finite number, got inf"),
+    ("optim.lr=0", "config key 'optim.lr' must be positive, got 0"),
+    ("optim.eps=-1e-8", "config key 'optim.eps' must be positive, got -1e-08"),
+    ("optim.betas=[0.9,1.0]", "config key 'optim.betas' must be two numbers in [0, 1), got [0.9, 1.0]"),
+    ("optim.betas=[-0.1,0.9]", "config key 'optim.betas' must be two numbers in [0, 1), got [-0.1, 0.9]"),
+    ("optim.weight_decay=nan", "config key 'optim.weight_decay' must be a finite number, got nan"),
+    ("train.seed=-1", "config key 'train.seed' must be non-negative, got -1"),
+])
+def test_out_of_range_optimizer_values_and_seeds_are_refused_by_name(override, message):
+    """Values that used to train on (nan/inf lr gave NaN weights) or pass silently are one-line errors."""
+    with pytest.raises(ConfigError) as info:
+        load_config(RunConfig, None, ["data.data_dir=codes", override])
+    assert message in str(info.value) and "\n" not in str(info.value)

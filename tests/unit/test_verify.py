@@ -168,3 +168,13 @@ def test_stats_refuse_an_unreadable_shard(copy):
     (copy / "train-000003.tar").write_bytes(b"\0" * 10)
     with pytest.raises(DatasetError, match="train-000003.tar' is unreadable .*run mebt data verify"):
         dataset_stats(copy)
+
+
+def test_stats_refuse_codes_outside_the_codebook(copy, capsys):
+    """A histogram would silently drop them; stats fail with one line like verify does."""
+    codes = _member(copy / "train-000002.tar", "codes.npy")
+    _patch(copy / "train-000002.tar", codes.offset_data + codes.size - 1, lambda b: b ^ 0xFF)
+    assert main(["data", "stats", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"mebt: error: shard '{copy / 'train-000002.tar'}', sample '")
+    assert "outside the codebook [0, 32); run mebt data verify" in err
