@@ -39,6 +39,7 @@ from mebt.config import flatten, to_dict
 from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT
 from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
+from mebt.errors import UserError
 from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
@@ -52,6 +53,10 @@ from mebt.train.tracking import Tracker
 REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: training stops before the bad weights are checkpointed."""
 
 
 class MeBTLoss(nn.Module):
@@ -232,6 +237,26 @@ def train(cfg: RunConfig) -> dict:
     window = _Window(device)
     preempted = None
     final_loss = None   # the last logged train/loss
+    # The first step whose loss was not finite (0: none), kept on the device and read where the loop reads
+    # anyway (log and checkpoint steps): NaN weights are never checkpointed, and no step waits for the host.
+    bad_step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def stop_if_not_finite() -> None:
+        first = bad_step.clone()
+        if env.world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        if first.item():
+            votes.close()
+            bar.close()
+            stop.restore()
+            tracker.close(status="FAILED")
+            lock.release()
+            last = train_checkpoint.latest_tag(run_dir)
+            raise NonFiniteLoss(f"the training loss is not finite since step {first.item()} (optim.lr "
+                                f"{cfg.optim.lr:g}); stopped without saving weights after it (last checkpoint: "
+                                f"{run_dir / train_checkpoint.CKPT_DIR / last if last else 'none'}); lower optim.lr, "
+                                "set optim.grad_clip or check the data, then run again to resume from that checkpoint")
+
     while state.step < tc.steps:
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(accum):
@@ -253,6 +278,7 @@ def train(cfg: RunConfig) -> dict:
             window.tokens += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
             trace.add(state.step + 1, loss, metrics["acc1"], batch["key"])
         state.step += 1
+        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(step_loss), state.step, bad_step)
         window.loss += step_loss / accum
         window.steps += 1
         bar.update(1)
@@ -270,12 +296,14 @@ def train(cfg: RunConfig) -> dict:
                      f"{record['step_time_s']:.3f} s/step (data wait {record['data_wait_s'] * 1000:.1f} ms)"
                      + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
             window = _Window(device)
+            stop_if_not_finite()
 
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
             samples.write(engine.module.model, state.step, tracker)
         requested = votes.poll(stop.signal is not None)
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or requested:
             trace.flush()   # every record up to the checkpoint is on disk before it exists
+            stop_if_not_finite()
             last = state.step == tc.steps or requested
             state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main, wait_s=30.0 if last else 2.0)
             train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,

@@ -287,6 +287,21 @@ def test_a_run_dir_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(codes
     assert "resumed at step" in done.stderr
 
 
+def test_a_non_finite_loss_stops_before_its_weights_are_checkpointed(codes_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run(1, overrides(codes_dir, run_dir, **{"train.steps": 30, "train.ckpt_every": 1, "train.log_every": 10,
+                                                   "optim.lr": 1e30, "train.deterministic": "false"}))
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mebt: error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    bad = int(lines[0].split("not finite since step ")[1].split()[0])
+    steps = [int(p.name[len("global_step"):]) for p in (run_dir / "checkpoints").glob("global_step*")]
+    assert 1 <= bad <= 30 and all(step < bad for step in steps)   # nothing from the bad step on was saved
+    assert "lower optim.lr, set optim.grad_clip or check the data" in lines[0]
+    losses = [r["loss"] for r in trace(run_dir, 0)]
+    assert not math.isfinite(losses[bad - 1]) and all(math.isfinite(x) for x in losses[:bad - 1])
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"model.latent_shape": "[2,8,8]"}, "grid"),
     ({"model.vocab_size": 4}, "codebook"),
