@@ -87,6 +87,20 @@ def latest_tag(run_dir: Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
+def saved_config(run_dir: Path) -> tuple[int, dict] | None:
+    """(step, resolved config) of the run dir's latest checkpoint, read before anything is built; None: none."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    path = Path(run_dir) / CKPT_DIR / tag / META
+    try:
+        meta = json.loads(path.read_text())
+        return meta["step"], meta["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"'{path}' is unreadable ({first_line(e)}); point '{Path(run_dir) / CKPT_DIR / LATEST}' "
+                              "at an older tag or start a new train.run_dir") from None
+
+
 def load(engine, run_dir: Path, rank: int, world_size: int) -> dict | None:
     """Restore the latest checkpoint into ``engine``; returns this rank's client state (None: fresh run)."""
     tag = latest_tag(run_dir)

@@ -112,6 +112,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Resume despite a change to these keys (mebt.train.resume_config; each change is recorded in the run).
+    allow_config_change: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.data is None:

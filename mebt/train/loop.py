@@ -39,13 +39,14 @@ from mebt.config import flatten, to_dict
 from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT
 from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
-from mebt.errors import UserError
+from mebt.errors import ConfigError, UserError
 from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config
 from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
 from mebt.train.optim import lr_scheduler
+from mebt.train.resume_config import CHANGES_FILE, check_resume, record_changes
 from mebt.train.run_lock import RunDirLock
 from mebt.train.samples import SampleWriter
 from mebt.train.tracking import Tracker
@@ -190,6 +191,14 @@ def train(cfg: RunConfig) -> dict:
     # 2. Process group, the run dir's lock (one training per run dir), model, engine.
     init_process_group(device)
     lock = RunDirLock(tc.run_dir, active=env.rank == 0)
+    saved = train_checkpoint.saved_config(Path(tc.run_dir))
+    changes = []
+    if saved is not None:   # before anything is built: a refused change costs nothing
+        try:
+            changes = check_resume(saved[1], to_dict(cfg), cfg.allow_config_change, tc.run_dir, saved[0])
+        except ConfigError:
+            lock.release()
+            raise
     import deepspeed
 
     seed_everything(tc.seed)   # the same initial weights on every rank
@@ -211,12 +220,19 @@ def train(cfg: RunConfig) -> dict:
         loader.load_state_dict(client["loader"])
         train_checkpoint.set_rng_state(client["rng"], state.masks)
     main = env.rank == 0
+    tags = {"world_size": env.world_size, "launcher": env.source}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if not (run_dir / "config.yaml").exists():   # the first start's; later ones are in their checkpoints
+            write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_json(run_dir / "deepspeed_config.json", ds_config)
+        history_of_changes = record_changes(run_dir, state.step, changes)
+        if history_of_changes:
+            tags["config_changes"] = history_of_changes
+            shown = "; ".join(f"{c['key']} {c['saved']} -> {c['now']}" for c in changes)
+            log.info(f"resumed with config changes ({CHANGES_FILE}): {shown}")
     tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id, start_ms=started_ms,
-                      params=flatten(to_dict(cfg)), tags={"world_size": env.world_size, "launcher": env.source})
+                      params=flatten(to_dict(cfg)), tags=tags)
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
         tracker.log_artifact(run_dir / name)
     trace = _Trace(_Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace))

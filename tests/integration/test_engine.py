@@ -287,6 +287,33 @@ def test_a_run_dir_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(codes
     assert "resumed at step" in done.stderr
 
 
+def test_resuming_with_a_changed_config_is_refused_by_key_or_recorded(codes_dir, tmp_path):
+    run_dir, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = {"train.steps": 4, "train.ckpt_every": 2, "mlflow.enabled": "true", "mlflow.tracking_uri": store}
+    assert run(1, overrides(codes_dir, run_dir, **base)).returncode == 0
+    first_config = (run_dir / "config.yaml").read_text()
+    refused = run(1, overrides(codes_dir, run_dir, **{**base, "train.steps": 6, "model.n_layer": 4, "optim.lr": 0.001}))
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("mebt: error:")]
+    assert lines == [f"mebt: error: resuming '{run_dir}' at step 4 with a changed config: model.n_layer (saved 2, "
+                     "now 4), optim.lr (saved 0.003, now 0.001); these change the experiment: start a new "
+                     "train.run_dir, or accept them with --allow-config-change KEY (recorded in the run)"], refused.stderr
+    assert latest(run_dir) == "global_step4" and not (run_dir / "config_changes.jsonl").exists()
+    accepted = run(1, [*overrides(codes_dir, run_dir, **{**base, "train.steps": 6, "optim.lr": 0.001}),
+                       "--allow-config-change", "optim.lr"])
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert latest(run_dir) == "global_step6" and (run_dir / "config.yaml").read_text() == first_config
+    record = json.loads((run_dir / "config_changes.jsonl").read_text())
+    assert record["step"] == 4 and [(c["key"], c["saved"], c["now"], c["how"]) for c in record["changes"]] == [
+        ("allow_config_change", [], ["optim.lr"], "free"), ("optim.lr", 0.003, 0.001, "allowed"),
+        ("train.steps", 4, 6, "free")]
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads(accepted.stdout.strip().splitlines()[-1])["mlflow_run_id"]
+    tag = MlflowClient(store).get_run(run_id).data.tags["config_changes"]
+    assert "step 4: optim.lr 0.003 -> 0.001 (allowed)" in tag.splitlines()
+
+
 def test_a_non_finite_loss_stops_before_its_weights_are_checkpointed(codes_dir, tmp_path):
     run_dir = tmp_path / "run"
     done = run(1, overrides(codes_dir, run_dir, **{"train.steps": 30, "train.ckpt_every": 1, "train.log_every": 10,
