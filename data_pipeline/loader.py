@@ -91,7 +91,9 @@ class LoaderConfig:
     num_workers: int = 0                # DataLoader worker processes per rank; 0 reads in the main process
     prefetch_factor: int = 2            # batches each worker keeps ready
     on_corrupt: Literal["skip", "fail"] = "skip"
-    verify: Literal["size", "sha256"] = "size"   # sha256 also catches flipped bits, ~2 us per 4 KiB clip
+    # sha256-once: hash a shard the first time this process reads it (flipped bits that keep codes in range
+    # are caught; later epochs reuse the verdict while the file is unchanged); sha256: on every read
+    verify: Literal["size", "sha256-once", "sha256"] = "sha256-once"
     drop_last: bool = True              # True: drop the epoch's remainder; False: pad it by wrapping around
     crop_frames: int | None = None      # yield this many latent frames at a seeded random offset
     pin_memory: bool = False
@@ -157,12 +159,13 @@ class _StreamReader:
         index, name = self.index, self.index.shard_names[shard]
         members, shapes = index.shard_samples(shard)
         size, source = int(index.shard_bytes[shard]), index.source
-        sha256 = index.shard_sha256[shard] if self.cfg.verify == "sha256" else None
+        sha256 = index.shard_sha256[shard] if self.cfg.verify != "size" else None
         try:
             path = source.local_path(name)
             if path is not None:
                 block = read_clips(path, size=size, sha256=sha256, members=members, shapes=shapes,
-                                   vocab=index.codebook_size, layouts=self.layouts)
+                                   vocab=index.codebook_size, layouts=self.layouts,
+                                   hash_once=self.cfg.verify == "sha256-once")
             else:
                 self._make_room()
                 pending = self.pending.pop(shard, None)

@@ -102,7 +102,7 @@ class _Layout:
 
 
 def read_clips(path: Path, *, size: int, sha256: str | None, members: np.ndarray, shapes: np.ndarray,
-               vocab: int | None, layouts: dict | None = None) -> np.ndarray:
+               vocab: int | None, layouts: dict | None = None, hash_once: bool = False) -> np.ndarray:
     """Every clip of one shard as one block [n, T', H', W'] in tar order; raises ``_Corrupt`` with the reason.
 
     ``members`` and ``shapes`` are the codes member names (bytes) and [T', H', W'] of the shard's samples in
@@ -113,8 +113,9 @@ def read_clips(path: Path, *, size: int, sha256: str | None, members: np.ndarray
     metadata members) the block returned is a strided view of the mapping, read straight from the page
     cache with no copy; otherwise the clips are copied out. ``layouts`` (path -> checked layout) lets a
     loader that reads the shard again (next epoch) skip the tar parse and the checks: an entry is reused
-    only while the file's size, mtime, inode and device are those it was checked with; ``sha256`` is
-    verified on every read.
+    only while the file's size, mtime, inode and device are those it was checked with. ``sha256`` is
+    verified on every read, or with ``hash_once`` only on the read that checks the layout: the cached
+    entry is then also the verdict that these bytes (same size, mtime, inode) hashed right.
     """
     try:
         with open(path, "rb") as f:
@@ -124,11 +125,12 @@ def read_clips(path: Path, *, size: int, sha256: str | None, members: np.ndarray
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise _Corrupt(f"unreadable ({e.strerror})") from None
-    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
-        raise _Corrupt("sha256 differs from shards.parquet")
     identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
     cached = layouts.get(path) if layouts is not None else None
-    if cached is not None and cached[0] == identity:
+    checked = cached is not None and cached[0] == identity
+    if sha256 is not None and not (checked and hash_once) and hashlib.sha256(buf).hexdigest() != sha256:
+        raise _Corrupt("sha256 differs from shards.parquet")
+    if checked:
         return _clips(buf, cached[1], shapes)
     layout = _find_layout(buf, members, shapes)
     clips = _check_range(_clips(buf, layout, shapes), vocab)

@@ -221,14 +221,16 @@ def damage(path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how, verify", [("truncate", "size"), ("out_of_range", "size"), ("swap", "size"),
-                                         ("flip", "sha256")])
+                                         ("flip", "sha256"), ("flip", "sha256-once"), ("flip", None)])
 def test_corrupt_shard_is_skipped_with_a_counted_warning(tmp_path, how, verify):
+    """A flipped bit that keeps codes in range is caught by the sha256 check, which by default (None) runs
+    the first time a process reads each shard."""
     root = build_dataset(tmp_path / "ds", [8, 8, 8, 8])
     damage(root / "train-000001.tar", how)
     ids, pads, corrupt = [], 0, set()
     with pytest.warns(CorruptShardWarning) as record:
         for rank in range(2):
-            loader = make_loader(config(root, num_workers=2, verify=verify), rank, 2)
+            loader = make_loader(config(root, num_workers=2, **({"verify": verify} if verify else {})), rank, 2)
             batches = list(loader)
             assert len(batches) == loader.batches_per_epoch == 4
             for b in batches:
@@ -242,6 +244,24 @@ def test_corrupt_shard_is_skipped_with_a_counted_warning(tmp_path, how, verify):
     assert pads == 8   # each of the shard's 8 slots got a stand-in
     messages = [str(w.message) for w in record]
     assert all("train-000001.tar" in m for m in messages) and "1 corrupt shard(s) skipped so far" in messages[0]
+
+
+def test_sha256_once_hashes_a_shard_once_per_process_while_it_is_unchanged(tmp_path, monkeypatch):
+    root = build_dataset(tmp_path / "ds", [8, 8])
+    hashed = []
+    real = reader_module.hashlib.sha256
+    shard_bytes = {(root / f"train-00000{i}.tar").stat().st_size for i in (0, 1)}
+    # hashlib is one module: count only hashes of whole shards (the index hashes its own identity too).
+    monkeypatch.setattr(reader_module.hashlib, "sha256",
+                        lambda data=b"": (len(data) in shard_bytes and hashed.append(len(data))) or real(data))
+    loader = make_loader(config(root), 0, 1)   # the default: sha256-once, in this process (no workers)
+    for _ in range(3):
+        assert sorted(i for b in loader for i in sample_ids(b)) == list(range(16))
+    assert len(hashed) == 2   # each shard once over three epochs
+    every = make_loader(config(root, verify="sha256"), 0, 1)
+    for _ in range(2):
+        list(every)
+    assert len(hashed) == 2 + 4
 
 
 @pytest.mark.parametrize("how", ["out_of_range", "swap"])
@@ -388,12 +408,13 @@ def test_benchmark_quick_writes_consistent_json(tmp_path, capsys):
     returned = loader_throughput.main(["--quick", "--clips", "600", "--batch-size", "64", "--json", str(path)])
     result = json.loads(path.read_text())
     assert result == json.loads(json.dumps(returned)) and result["benchmark"] == "loader_throughput"
-    raw, single, http, worker, http_worker, hashed, workers = result["rows"]
+    raw, single, http, worker, http_worker, once, hashed, workers = result["rows"]
     assert raw["clips"] == 600 and {r["clips"] for r in result["rows"][1:]} == {576}   # 9 batches of 64
     assert [(r["name"], r["workers"], r["verify"]) for r in result["rows"]] == [
         ("raw in-memory bound", 0, None), ("loader, 1 process", 0, "size"), ("loader, 1 process, HTTP", 0, "size"),
         ("loader, 1 worker", 1, "size"), ("loader, 1 worker, HTTP", 1, "size"),
-        ("loader, 1 process, sha256", 0, "sha256"), ("loader, 2 workers", 2, "size")]
+        ("loader, 1 process, sha256 once (default)", 0, "sha256-once"),
+        ("loader, 1 process, sha256 every read", 0, "sha256"), ("loader, 2 workers", 2, "size")]
     assert result["http_fraction_of_local"] == {
         "1_worker": pytest.approx(http_worker["clips_per_s"] / worker["clips_per_s"]),
         "main_process": pytest.approx(http["clips_per_s"] / single["clips_per_s"])}
