@@ -283,6 +283,7 @@ def test_a_run_dir_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(codes
     finally:
         os.killpg(first.pid, signal.SIGKILL)   # the holder dies without releasing: the kernel does
         first.wait(timeout=60)
+    assert subprocess.run(["pgrep", "-s", str(first.pid)], capture_output=True).returncode == 1   # none left
     done = run(1, overrides(codes_dir, run_dir, **{"train.steps": int(latest(run_dir)[len("global_step"):]) + 2}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step" in done.stderr
@@ -383,3 +384,6 @@ def test_ctrl_c_checkpoints_and_prints_one_line(codes_dir, tmp_path):
                      f"{run_dir / 'checkpoints' / tag}; run the same command to resume (exit code 75 asks a "
                      "launcher to requeue)"], err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    # The launcher and both workers are gone (workers run `-m mebt.train --config RUN_DIR/launch_config.yaml`).
+    left = subprocess.run(["pgrep", "-f", str(run_dir / "launch_config.yaml")], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
