@@ -9,12 +9,15 @@ directory or at shard URLs (a WebDataset spec over http(s), pipe: or files; ``da
   the current epoch, so a trainer that calls it every epoch does not undo a resume.
 - ``batches_per_epoch`` (also ``len``) is the same on every rank; the balancing rule is in ``loader_state``.
 - ``state_dict()`` is a small JSON-serializable dict (epoch, batches consumed, the plan settings, the
-  per-rank stream seeds, corrupt shards seen); ``load_state_dict()`` on a loader made with the same
-  settings yields exactly the batches an uninterrupted run would have yielded next.
+  stream seeds, corrupt shards seen); ``load_state_dict()`` on a loader made with the same settings yields
+  exactly the batches an uninterrupted run would have yielded next. A loader of another shape (process
+  count, workers, batch size, ``accum``) with the same samples per step resumes it too: the global batches
+  stay those of the saved plan (``data_pipeline.elastic``).
 - A batch is a dict: ``codes`` int64 [B, L, H', W'] (L = ``crop_frames`` or the clips' T'); per sample
   ``key``, ``video_id``, ``split``, ``source`` (lists), ``start``, ``stride``, ``fps``, ``frame_offset``
-  (first latent frame of the crop) and ``pad`` (True where the slot repeats a sample to fill the epoch
-  or stands in for a corrupt one) as tensors; ``epoch`` and ``batch_index`` (position in the epoch).
+  (first latent frame of the crop), ``sample_id`` (the slot's number, unique in the epoch) and ``pad``
+  (True where the slot repeats a sample to fill the epoch or stands in for a corrupt one) as tensors;
+  ``epoch`` and ``batch_index`` (position in the epoch).
 
 Clips may differ in T' (a length curriculum's dataset): set ``crop_frames`` to at most the shortest clip
 and every sample is cropped to that many latent frames at an offset drawn from its stream's seed.
@@ -49,31 +52,25 @@ Reading never blocks on bad data: a worker reports the error as a batch and the 
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.elastic import ElasticSteps, check_layout
 from data_pipeline.loader_state import (
     DatasetIndex,
     EpochPlan,
-    StreamPlan,
     check_state,
     consumed_batches,
     make_state,
     stream_of_worker,
 )
 from data_pipeline.manifest import DatasetError
-from data_pipeline.shard_reader import _Corrupt, clips_from_bytes, read_clips
-from data_pipeline.sources import FetchError, ShardSource
-from mebt.errors import ConfigError, first_line
-
-
-class CorruptShardError(DatasetError):
-    """A shard that cannot be read (with ``on_corrupt: fail``)."""
+from data_pipeline.sources import ShardSource
+from data_pipeline.stream_reader import CorruptShardError, StreamReader
+from mebt.errors import ConfigError
 
 
 class CorruptShardWarning(UserWarning):
@@ -127,151 +124,6 @@ class LoaderConfig:
             raise ConfigError(f"config key 'crop_frames' must be >= 1 or null, got {self.crop_frames}")
 
 
-# --- one worker stream ---------------------------------------------------------------------------------
-
-class _StreamReader:
-    """Builds one stream's batches from its plan, reading each shard when a batch first needs it.
-
-    A shard's block stays in memory until the last of its samples in the plan has been yielded, so memory
-    follows the shuffle buffer (the shards with samples still in it), not the whole stream. Shards fetched
-    from URLs are bounded too: at most ``max_shards_in_memory`` blocks (the least recently used one not in
-    the current batch is dropped and fetched again if needed later), and the next shard of the plan is
-    fetched in a background thread while the current ones are consumed.
-    """
-
-    def __init__(self, index: DatasetIndex, cfg: LoaderConfig, plan: StreamPlan, grid: tuple, first: int,
-                 layouts: dict):
-        self.index, self.cfg, self.plan, self.grid, self.layouts = index, cfg, plan, grid, layouts
-        self.num_batches = len(plan.rows) // cfg.batch_size
-        upcoming = index.row_shard[plan.rows[first * cfg.batch_size:]]
-        shards, uses = np.unique(upcoming, return_counts=True)
-        self.uses = dict(zip(shards.tolist(), uses.tolist()))   # samples of each shard still to yield
-        self.blocks: dict[int, np.ndarray | None] = {}          # None: the shard is corrupt; in use order
-        self.corrupt: list[tuple[str, str]] = []   # found since the last batch, reported with the next one
-        self.remote = index.source.remote
-        _, first_use = np.unique(upcoming, return_index=True)
-        self.order = upcoming[np.sort(first_use)].tolist()      # shards in the order the plan first needs them
-        self.next_up = 0
-        self.protected: set[int] = set()                        # the current batch's shards: never dropped
-        self.pool, self.pending = None, {}                      # the prefetch thread and its fetch
-
-    def _load(self, shard: int) -> None:
-        index, name = self.index, self.index.shard_names[shard]
-        members, shapes = index.shard_samples(shard)
-        size, source = int(index.shard_bytes[shard]), index.source
-        sha256 = index.shard_sha256[shard] if self.cfg.verify != "size" else None
-        try:
-            path = source.local_path(name)
-            if path is not None:
-                block = read_clips(path, size=size, sha256=sha256, members=members, shapes=shapes,
-                                   vocab=index.codebook_size, layouts=self.layouts,
-                                   hash_once=self.cfg.verify == "sha256-once")
-            else:
-                self._make_room()
-                pending = self.pending.pop(shard, None)
-                data = pending.result() if pending is not None else source.read_shard(name, size)
-                block = clips_from_bytes(data, size=size, sha256=sha256, members=members, shapes=shapes,
-                                         vocab=index.codebook_size)
-        except (_Corrupt, FetchError) as e:
-            where = source.shard_url(name)
-            if self.cfg.on_corrupt == "fail":
-                what = str(e) if isinstance(e, FetchError) else f"shard '{where}' is corrupt: {e}"
-                raise CorruptShardError(f"{what} (set on_corrupt: skip to go on without it)") from None
-            block = None
-            self.corrupt.append((name, first_line(e)))
-        self.blocks[shard] = block
-        if self.remote:
-            self._prefetch()
-
-    def _make_room(self) -> None:
-        """Drop least recently used blocks (not the current batch's) down to the limit, minus one for the new one."""
-        limit = self.cfg.max_shards_in_memory - 1 - len(self.pending)
-        for shard in [s for s, b in self.blocks.items() if b is not None and s not in self.protected]:
-            if sum(b is not None for b in self.blocks.values()) <= max(limit, 0):
-                break
-            del self.blocks[shard]
-
-    def _prefetch(self) -> None:
-        """Start fetching the next shard the plan needs that is neither held nor being fetched."""
-        source, names = self.index.source, self.index.shard_names
-        while self.next_up < len(self.order) and (self.order[self.next_up] in self.blocks
-                                                  or self.order[self.next_up] in self.pending
-                                                  or source.local_path(names[self.order[self.next_up]]) is not None):
-            self.next_up += 1   # held, being fetched, or on disk (cache_dir): nothing to fetch
-        held = sum(b is not None for b in self.blocks.values())
-        if self.next_up == len(self.order) or self.pending or held >= self.cfg.max_shards_in_memory:
-            return
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mebt-prefetch")
-        shard = self.order[self.next_up]
-        name = self.index.shard_names[shard]
-        self.pending[shard] = self.pool.submit(self.index.source.read_shard, name, int(self.index.shard_bytes[shard]))
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-
-    def _block(self, shard: int) -> np.ndarray | None:
-        if shard not in self.blocks:
-            self._load(shard)
-        self.blocks[shard] = self.blocks.pop(shard)   # most recently used last
-        return self.blocks[shard]
-
-    def _stand_in(self, row: int, offset: int) -> tuple[int, int]:
-        """(row, offset) standing in for a sample of a corrupt shard: the sample at the same tar position
-        (modulo its size) of the next readable shard in the epoch's shard order.
-
-        It depends only on the plan and the files, so a resumed run picks the same one.
-        """
-        shard = self.index.row_shard[row]
-        order = self.plan.shard_order
-        layout = self.index.layout
-        for other in np.roll(order, -int(np.flatnonzero(order == shard)[0]))[1:].tolist():
-            if layout.shard_count[other] and self._block(other) is not None:
-                position = self.index.row_index[row] % layout.shard_count[other]
-                stand_in = int(layout.rows[layout.shard_start[other] + position])
-                if self.cfg.crop_frames is not None:
-                    offset = min(offset, int(self.index.frames[stand_in]) - self.cfg.crop_frames)
-                return stand_in, offset
-        raise CorruptShardError(f"every shard of '{self.index.data_dir}' is corrupt; nothing can stand in for them")
-
-    def _gather(self, rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """int64 [B, L, H', W'] codes: one fancy-indexing copy per shard in the batch."""
-        shards, positions = self.index.row_shard[rows], self.index.row_index[rows]
-        codes = np.empty((len(rows), *self.grid), dtype=np.int64)
-        for shard in np.unique(shards).tolist():
-            sel = np.flatnonzero(shards == shard)
-            if self.cfg.crop_frames is None:
-                codes[sel] = self.blocks[shard][positions[sel]]
-            else:
-                frames = offsets[sel, None] + np.arange(self.cfg.crop_frames)
-                codes[sel] = self.blocks[shard][positions[sel, None], frames]
-        return codes
-
-    def batch(self, j: int) -> dict:
-        s = slice(j * self.cfg.batch_size, (j + 1) * self.cfg.batch_size)
-        rows, offsets, pad = self.plan.rows[s].copy(), self.plan.frame_offsets[s].copy(), self.plan.pad[s].copy()
-        shards = self.index.row_shard[rows]
-        in_batch, used = np.unique(shards, return_counts=True)   # before stand-ins replace corrupt rows
-        self.protected = set(in_batch.tolist())
-        corrupt = [shard for shard in in_batch.tolist() if self._block(shard) is None]
-        if corrupt:
-            bad = np.flatnonzero(np.isin(shards, corrupt))
-            for i in bad.tolist():
-                rows[i], offsets[i] = self._stand_in(int(rows[i]), int(offsets[i]))
-                self.protected.add(int(self.index.row_shard[rows[i]]))
-            pad[bad] = True
-        codes = self._gather(rows, offsets)
-        for shard, n in zip(in_batch.tolist(), used.tolist()):
-            self.uses[shard] -= n
-            if not self.uses[shard]:
-                self.blocks.pop(shard, None)
-        self.protected = set()
-        found, self.corrupt = self.corrupt, []
-        return {"codes": torch.from_numpy(codes), **self.index.metadata(rows),
-                "frame_offset": torch.from_numpy(offsets), "pad": torch.from_numpy(pad), "corrupt_shards": found}
-
-
 class _EpochStreams(IterableDataset):
     """The rest of one epoch on one rank: each DataLoader worker (or the main process) serves one stream."""
 
@@ -286,12 +138,14 @@ class _EpochStreams(IterableDataset):
         stream = stream_of_worker(self.position, info.id if info else 0, num_streams)
         first = consumed_batches(self.position, stream, num_streams)
         try:
-            reader = _StreamReader(self.index, self.cfg, self.plan.stream(self.index.layout, self.rank, stream,
+            reader = StreamReader(self.index, self.cfg, self.plan.stream(self.index.layout, self.rank, stream,
                                                                           self.epoch), self.grid, first,
                                     self.layouts)
             try:
                 for j in range(first, reader.num_batches):
-                    yield {**reader.batch(j), "epoch": self.epoch, "batch_index": j * num_streams + stream}
+                    batch_index = j * num_streams + stream
+                    yield {**reader.batch(j), "epoch": self.epoch, "batch_index": batch_index,
+                           "sample_id": torch.from_numpy(self.plan.sample_ids(self.rank, batch_index))}
             finally:
                 reader.close()
         except CorruptShardError as e:
@@ -307,19 +161,25 @@ def _as_is(batch: dict) -> dict:
 class ShardLoader:
     """One rank's view of a dataset: iterate for the rest of the epoch; see the module docstring."""
 
-    def __init__(self, cfg: LoaderConfig, index: DatasetIndex, grid: tuple, rank: int, world_size: int):
-        self.cfg, self.index, self.grid, self.rank = cfg, index, grid, rank
+    def __init__(self, cfg: LoaderConfig, index: DatasetIndex, grid: tuple, rank: int, world_size: int,
+                 accum: int = 1):
+        self.cfg, self.index, self.grid, self.rank, self.world_size = cfg, index, grid, rank, world_size
         self.plan = EpochPlan(dataset=index.fingerprint, num_samples=len(index.layout.rows), world_size=world_size,
                               num_streams=max(1, cfg.num_workers), batch_size=cfg.batch_size,
                               drop_last=cfg.drop_last, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
-                              seed=cfg.seed, crop_frames=cfg.crop_frames)
+                              seed=cfg.seed, crop_frames=cfg.crop_frames, accum=accum)
+        # The plan whose slots this loader follows: its own, or after an elastic resume the saved one.
+        self.source = self.plan
         self.batches_per_epoch = self.plan.batches_per_rank
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"dataset '{index.data_dir}' has {self.plan.num_samples} clips, fewer than one batch per "
-                              f"rank ({world_size} rank(s) x data.batch_size {cfg.batch_size}); set data.batch_size to "
-                              f"at most {max(1, self.plan.num_samples // world_size)} or data.drop_last=false")
+            per_step = world_size * accum
+            raise ConfigError(f"dataset '{index.data_dir}' has {self.plan.num_samples} clips, fewer than one step's "
+                              f"({world_size} rank(s) x {accum} micro-batch(es) x data.batch_size {cfg.batch_size}); "
+                              f"set data.batch_size to at most {max(1, self.plan.num_samples // per_step)} or "
+                              "data.drop_last=false")
         self.epoch = 0
-        self.position = 0
+        self.position = 0        # batches of the source plan every rank has taken in this epoch
+        self.micro_in_step = 0   # micro-batches yielded of an unfinished step (elastic only)
         self.corrupt_shards: dict[str, str] = {}
         # Checked shard layouts, reused by later epochs read in this process (workers start afresh).
         self.layouts: dict = {}
@@ -331,23 +191,36 @@ class ShardLoader:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
+    @property
+    def elastic(self) -> bool:
+        """Resumed from a state of another layout: batches follow the saved plan (``data_pipeline.elastic``)."""
+        return self.source != self.plan
+
     def state_dict(self) -> dict:
-        return make_state(self.plan, self.rank, self.epoch, self.position, list(self.corrupt_shards))
+        if self.micro_in_step:
+            raise RuntimeError("ShardLoader.state_dict() inside an optimizer step: an elastic loader saves its "
+                               "position at step boundaries only")
+        rank = 0 if self.elastic else self.rank   # any rank's state resumes every rank
+        return make_state(self.source, rank, self.epoch, self.position, list(self.corrupt_shards))
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = check_state(state, self.plan, self.rank)
+        source, epoch, position = check_state(state, self.plan)
+        if source != self.plan:
+            check_layout(source, self.world_size, self.plan.batch_size, self.plan.accum)
+            if position % source.accum:
+                raise ConfigError(f"loader state is at batch {position} of its epoch, inside an optimizer step of "
+                                  f"{source.accum} batches; it resumes only on its own layout")
+        self.source, self.epoch, self.position = source, epoch, position
+        self.batches_per_epoch = source.batches_per_rank // source.accum * self.plan.accum
         self.corrupt_shards.update(dict.fromkeys(state.get("corrupt_shards", []), "seen before the resume"))
 
     def __iter__(self):
+        if self.elastic:
+            yield from self._elastic_batches()
+            return
         streams = _EpochStreams(self.index, self.cfg, self.plan, self.grid, self.rank, self.epoch, self.position,
                                self.layouts)
-        # Workers are started per epoch (not persistent) so that each one gets this epoch and position.
-        batches = DataLoader(streams, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers,
-                             in_order=True, prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
-                             pin_memory=self.cfg.pin_memory)
-        for batch in batches:
-            if "error" in batch:
-                raise CorruptShardError(batch["error"])
+        for batch in self._items(streams):
             self._note_corrupt(batch.pop("corrupt_shards"))
             if (batch["epoch"], batch["batch_index"]) != (self.epoch, self.position):
                 raise RuntimeError(f"loader got batch {batch['batch_index']} of epoch {batch['epoch']}, expected "
@@ -356,6 +229,33 @@ class ShardLoader:
             if self.position == self.batches_per_epoch:
                 self.epoch, self.position = self.epoch + 1, 0
             yield batch
+
+    def _items(self, dataset: IterableDataset):
+        """What ``dataset``'s workers (or the main process) make; a worker's error is raised here as one line."""
+        # Workers are started per epoch (not persistent) so that each one gets this epoch and position.
+        items = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers,
+                           in_order=True, prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
+                           pin_memory=self.cfg.pin_memory)
+        for item in items:
+            if "error" in item:
+                raise CorruptShardError(item["error"])
+            yield item
+
+    def _elastic_batches(self):
+        steps = ElasticSteps(self.index, self.cfg, self.source, self.grid, self.rank, self.world_size,
+                             self.plan.batch_size, self.plan.accum, self.epoch, self.position, self.layouts)
+        for item in self._items(steps):
+            self._note_corrupt(item["corrupt_shards"])
+            if (item["epoch"], item["step"] * self.source.accum) != (self.epoch, self.position):
+                raise RuntimeError(f"loader got step {item['step']} of epoch {item['epoch']}, expected batch "
+                                   f"{self.position} of {self.epoch}: the DataLoader reordered its workers")
+            for i, batch in enumerate(item["micro"]):
+                self.micro_in_step = (i + 1) % len(item["micro"])
+                if not self.micro_in_step:   # the step's last micro-batch: the position moves before it is used
+                    self.position += self.source.accum
+                    if self.position == self.source.batches_per_rank:
+                        self.epoch, self.position = self.epoch + 1, 0
+                yield batch
 
     def _note_corrupt(self, found: list[tuple[str, str]]) -> None:
         for name, reason in found:
@@ -366,8 +266,9 @@ class ShardLoader:
 
 
 def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, expect_grid: Sequence[int] | None = None,
-                expect_vocab: int | None = None) -> ShardLoader:
-    """The loader of ``rank`` of ``world_size``; checks the dataset against the model's grid and vocabulary."""
+                expect_vocab: int | None = None, accum: int = 1) -> ShardLoader:
+    """The loader of ``rank`` of ``world_size`` taking ``accum`` batches per optimizer step (an epoch is a whole
+    number of steps); checks the dataset against the model's grid and vocabulary."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
     index = DatasetIndex(cfg.source(), cfg.split)
@@ -382,4 +283,4 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, expect_gr
         raise DatasetError(f"dataset '{index.data_dir}' does not fit the model: {'; '.join(wrong)}; leave these keys "
                            "out of the config (the model takes the dataset's), set them to the dataset's values, "
                            "or use a dataset tokenized for this model")
-    return ShardLoader(cfg, index, grid, rank, world_size)
+    return ShardLoader(cfg, index, grid, rank, world_size, accum)

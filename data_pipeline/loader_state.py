@@ -9,9 +9,10 @@ The epoch layout (the balancing rule):
 
 1. The shards are put in a seeded order that changes every epoch (the same order on every rank) and
    their samples, in shard order, form one sequence of N samples.
-2. Every rank yields the same number K of batches of ``batch_size`` B: with ``drop_last`` K = N // (R*B)
+2. Every rank yields the same number K of batches of ``batch_size`` B, a whole number of optimizer steps
+   of ``accum`` A batches (so an epoch ends at a step boundary): with ``drop_last`` K = A * (N // (R*B*A))
    and the last N - R*K*B samples of the sequence (different ones every epoch) are left out; without it
-   K = ceil(N / (R*B)) and the sequence wraps around to its start to fill R*K*B slots (those repeats are
+   K = A * ceil(N / (R*B*A)) and the sequence wraps around to its start to fill R*K*B slots (those repeats are
    flagged ``pad``). Equal K on every rank means no collective waits on a rank that ran out of data,
    however the shards divide.
 3. Rank r takes slots [r*K*B, (r+1)*K*B). Inside a rank the batches are dealt to S = max(1, num_workers)
@@ -22,9 +23,12 @@ The epoch layout (the balancing rule):
    shuffle buffer but computed on row numbers. Seeds: the shard order from (seed, epoch); each stream's
    buffer order and crop offsets from (its stream seed, epoch), the stream seed from (seed, rank, stream).
 
-Resume: the state holds the epoch and the number n of batches the rank has yielded. On restart each
-stream skips the batches of it among the first n, and DataLoader worker w serves stream (n + w) % S:
-the DataLoader asks worker 0 first while the next batch belongs to stream n % S.
+Resume: the state holds the epoch and the number n of batches every rank has yielded (the ranks step
+together). On restart each stream skips the batches of it among the first n, and DataLoader worker w
+serves stream (n + w) % S: the DataLoader asks worker 0 first while the next batch belongs to stream n % S.
+A state resumes a loader of another shape (ranks, workers, batch size, accumulation) as long as the
+samples per step stay the same: ``data_pipeline.elastic`` keeps the saved plan and deals its global
+batches out anew, so the run sees the batches it would have seen without the change.
 """
 from __future__ import annotations
 
@@ -185,13 +189,25 @@ class EpochPlan:
     shuffle_buffer: int
     seed: int
     crop_frames: int | None
+    accum: int = 1      # batches per optimizer step: an epoch is a whole number of steps
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, over every rank and micro-batch."""
+        return self.world_size * self.batch_size * self.accum
 
     @property
     def batches_per_rank(self) -> int:
-        per_round = self.world_size * self.batch_size
         if self.drop_last:
-            return self.num_samples // per_round
-        return -(-self.num_samples // per_round)
+            steps = self.num_samples // self.global_batch
+        else:
+            steps = -(-self.num_samples // self.global_batch)
+        return steps * self.accum
+
+    def sample_ids(self, rank: int, batch: int) -> np.ndarray:
+        """The epoch-unique numbers of the slots of batch ``batch`` of rank ``rank`` (what seeds per-sample
+        randomness, so that it follows the sample whichever process takes it after an elastic resume)."""
+        return (batch * self.world_size + rank) * self.batch_size + np.arange(self.batch_size)
 
     def stream_batches(self, stream: int) -> int:
         k, extra = divmod(self.batches_per_rank, self.num_streams)
@@ -276,21 +292,35 @@ def make_state(plan: EpochPlan, rank: int, epoch: int, position: int, corrupt_sh
     }
 
 
-def check_state(state: dict, plan: EpochPlan, rank: int) -> tuple[int, int]:
-    """(epoch, position) of a saved state, or a one-line ConfigError why it cannot resume this loader exactly."""
+# How a plan's slots are dealt to ranks, streams and micro-batches. The rest of a plan fixes which samples
+# form each epoch's global batches; these four may differ on resume (``data_pipeline.elastic``).
+SHAPE = ("world_size", "num_streams", "batch_size", "accum")
+
+
+def check_state(state: dict, plan: EpochPlan) -> tuple[EpochPlan, int, int]:
+    """(the plan the state was saved with, epoch, position), or a one-line ConfigError why it cannot resume
+    a loader with ``plan`` exactly. Every rank is at the same position (they step together), so any rank's
+    state resumes any rank."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ConfigError(f"loader state is not a version-{STATE_VERSION} loader state_dict(); "
                           "pass what ShardLoader.state_dict() returned")
+    saved = {"accum": 1, **state.get("plan", {})}   # states of before the accum field had one batch per step
+    mine = dataclasses.asdict(plan)
     refuse_changed_settings("cannot resume the data loader exactly, its settings changed",
-                            {"rank": state.get("rank"), **state.get("plan", {})},
-                            {"rank": rank, **dataclasses.asdict(plan)},
-                            "resume with the same dataset, world size, num_workers and loader config")
-    if state.get("stream_seeds") != [plan.stream_seed(rank, s) for s in range(plan.num_streams)]:
+                            {k: v for k, v in saved.items() if k not in SHAPE},
+                            {k: v for k, v in mine.items() if k not in SHAPE},
+                            "resume with the same dataset and loader config")
+    shape = {k: saved.get(k) for k in SHAPE}
+    if not all(isinstance(v, int) and v >= 1 for v in shape.values()):
+        raise ConfigError(f"loader state has an invalid layout {shape}; pass what ShardLoader.state_dict() returned")
+    source = dataclasses.replace(plan, **shape)
+    rank = state.get("rank", 0)
+    if state.get("stream_seeds") != [source.stream_seed(rank, s) for s in range(source.num_streams)]:
         raise ConfigError("cannot resume the data loader exactly: its stream seeds were derived differently "
                           "(saved by another version of data_pipeline.loader)")
     epoch, position = state.get("epoch"), state.get("position")
     if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int)
-            and 0 <= position < plan.batches_per_rank):
+            and 0 <= position < source.batches_per_rank):
         raise ConfigError(f"loader state has epoch {epoch!r} and position {position!r}; expected an epoch >= 0 "
-                          f"and a position in [0, {plan.batches_per_rank})")
-    return epoch, position
+                          f"and a position in [0, {source.batches_per_rank})")
+    return source, epoch, position

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WATCHED = {str(ROOT / path) for path in ("mebt/train/loop.py", "mebt/train/distributed.py", "mebt/core/objective.py",
                                          "mebt/core/model.py")}
-HOST_SIDE = {"sample_masks", "clip_length_probs"}   # mask sampling draws from CPU generators by design
+HOST_SIDE = {"sample_masks", "clip_length_probs", "slot_seeds"}   # masks come from CPU generators and loader data
 READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
 TORCH = str(Path(torch.__file__).parent)
 SHORT = 3

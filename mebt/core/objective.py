@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -74,28 +74,47 @@ def clip_length_probs(prior: str, n_frames: int, step: int) -> torch.Tensor:
     return torch.softmax(log_w, dim=0)
 
 
+def slot_seeds(seed: int, epoch: int, sample_ids: torch.Tensor) -> list[int]:
+    """One mask seed per clip from the run's seed and the clip's slot (its epoch and the loader's
+    ``sample_id``), for ``sample_masks(sample_seeds=...)``; ``sample_ids`` is the loader's CPU tensor."""
+    return [hash((seed, epoch, i)) & (2 ** 63 - 1) for i in sample_ids.tolist()]
+
+
 def sample_masks(cfg: ObjectiveConfig, batch_size: int, latent_shape, step: int = 0,
                  generator: Optional[torch.Generator] = None,
-                 shared: Optional[torch.Generator] = None) -> MaskedBatch:
+                 shared: Optional[torch.Generator] = None,
+                 sample_seeds: Optional[Sequence[int]] = None) -> MaskedBatch:
     """Context and target positions for one batch (CPU tensors; equal counts for every sample).
 
     The clip length and mask ratio come from ``shared`` when given (else from ``generator``): a trainer
     seeds it the same on every rank, so all ranks do the same amount of work per step and make the same
-    module calls (ZeRO-3 gathers parameters call by call); which positions are masked differs per rank.
+    module calls (ZeRO-3 gathers parameters call by call). Each sample's clip offset and masked positions
+    come from ``generator``, or, given ``sample_seeds``, from a generator of each sample's own seed: then
+    they follow the sample, not the process or micro-batch that takes it (elastic resume).
     """
     shared = shared if shared is not None else generator
     n_frames, h, w = latent_shape
     frame = h * w
     probs = clip_length_probs(cfg.t_prior, n_frames, step)
     clip = int(torch.multinomial(probs, 1, generator=shared)) + 1
-    offset = torch.randint(0, n_frames - clip + 1, (batch_size, 1), generator=generator)
+    if sample_seeds is None:
+        offset = torch.randint(0, n_frames - clip + 1, (batch_size, 1), generator=generator)
+    else:
+        if len(sample_seeds) != batch_size:
+            raise ValueError(f"{len(sample_seeds)} sample seeds for a batch of {batch_size}")
+        own = [torch.Generator().manual_seed(int(seed)) for seed in sample_seeds]
+        offset = torch.cat([torch.randint(0, n_frames - clip + 1, (1, 1), generator=g) for g in own])
     n = clip * frame
     lo, hi = cfg.t_range
     t = lo + (hi - lo) * float(torch.rand((), generator=shared, dtype=torch.float64))
     ratio = MASK_SCHEDULES[cfg.mask_schedule](t)
     n_masked = min(max(math.ceil(ratio * n), 1), n)   # at least one target so the loss is defined
     n_tgt = n_masked if cfg.target_budget is None else min(cfg.target_budget, n_masked)
-    perm = torch.rand(batch_size, n, generator=generator).argsort(dim=1) + offset * frame
+    if sample_seeds is None:
+        noise = torch.rand(batch_size, n, generator=generator)
+    else:
+        noise = torch.stack([torch.rand(n, generator=g) for g in own])
+    perm = noise.argsort(dim=1) + offset * frame
     return MaskedBatch(ctx_idx=perm[:, : n - n_masked], tgt_idx=perm[:, n - n_tgt:], clip_frames=clip,
                        mask_ratio=ratio, n_masked=n_masked)
 

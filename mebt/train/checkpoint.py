@@ -8,6 +8,7 @@ state from one rank only, so every rank's loader position and RNG states are gat
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 META = "mebt.json"
+UNIVERSAL = "universal"   # checkpoints converted for another number of processes
 _TAG = re.compile(r"global_step(\d+)$")
 
 
@@ -37,31 +39,32 @@ def tag_of(step: int) -> str:
     return f"global_step{step}"
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "masks": generator.get_state()}
+def rng_state() -> dict:
+    """This process's global RNG streams (dropout); masks are drawn from per-sample seeds, not from these."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["masks"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: Path, step: int, loader, generator: torch.Generator, client: dict, cfg,
-         keep_last: int) -> Path:
-    """Checkpoint on every rank; ``latest`` moves to it only once every rank has finished writing."""
+def save(engine, run_dir: Path, step: int, loader, client: dict, cfg, keep_last: int) -> Path:
+    """Checkpoint on every rank; ``latest`` moves to it only once every rank has finished writing. ``cfg`` is
+    the run's config as given (an elastic resume's adapted batch layout is recorded as ``global_batch``)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    gathered = all_gather_object({"loader": loader.state_dict(), "rng": rng_state(generator)})
+    gathered = all_gather_object({"loader": loader.state_dict(), "rng": rng_state()})
     state = {**client, "step": step, "loader": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered]}
     tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     barrier()
     if engine.global_rank == 0:
         meta = {"step": step, "config": to_dict(cfg), "world_size": len(gathered),
+                "global_batch": engine.train_batch_size(), "zero_stage": engine.zero_optimization_stage(),
                 "mlflow_run_id": client.get("mlflow_run_id")}
         write_bytes(ckpt_dir / tag / META, json.dumps(meta, indent=2).encode())
         write_bytes(ckpt_dir / LATEST, tag.encode())
@@ -80,6 +83,9 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     for path in tag_dirs(ckpt_dir)[:-keep_last]:
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
+    for path in tag_dirs(ckpt_dir / UNIVERSAL):   # conversions of pruned tags
+        if not (ckpt_dir / path.name).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_tag(run_dir: Path) -> str | None:
@@ -87,35 +93,101 @@ def latest_tag(run_dir: Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def saved_config(run_dir: Path) -> tuple[int, dict] | None:
-    """(step, resolved config) of the run dir's latest checkpoint, read before anything is built; None: none."""
+def saved_meta(run_dir: Path) -> dict | None:
+    """``mebt.json`` of the run dir's latest checkpoint (step, resolved config, process count, clips per step),
+    read before anything is built; None: no checkpoint."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
     path = Path(run_dir) / CKPT_DIR / tag / META
     try:
         meta = json.loads(path.read_text())
-        return meta["step"], meta["config"]
+        for key in ("step", "config", "world_size"):
+            meta[key]
+        return meta
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"'{path}' is unreadable ({first_line(e)}); point '{Path(run_dir) / CKPT_DIR / LATEST}' "
                               "at an older tag or start a new train.run_dir") from None
 
 
 def load(engine, run_dir: Path, rank: int, world_size: int) -> dict | None:
-    """Restore the latest checkpoint into ``engine``; returns this rank's client state (None: fresh run)."""
+    """Restore the latest checkpoint into ``engine``; returns this rank's client state (None: fresh run).
+
+    A checkpoint of another number of processes is resumed through DeepSpeed's universal checkpoint: rank 0
+    converts it once (``checkpoints/universal/TAG``; ZeRO's partitioned fp32 weights and Adam moments
+    become one file per parameter) and every rank loads its new partition from that. Its ``rng`` is then
+    None (the saved streams belong to other processes) and its ``loader`` the one shared position.
+    """
     tag = latest_tag(run_dir)
     if tag is None:
         return None
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    saved_world = saved_meta(run_dir)["world_size"]
+    if saved_world == world_size or engine.zero_optimization_stage() == 0:   # ZeRO-0 states are not partitioned
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    else:
+        from deepspeed.utils import logger as deepspeed_logger
+
+        universal = _universal(ckpt_dir, tag, rank)
+        engine._config.load_universal_checkpoint = True   # read by load_checkpoint only
+        level = deepspeed_logger.level
+        deepspeed_logger.setLevel(logging.ERROR)   # "MPU is not provided, setting tp size to 1": no TP here
+        try:
+            path, client = engine.load_checkpoint(str(universal.parent), tag=tag, load_module_strict=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
+            deepspeed_logger.setLevel(level)
+        if path is not None:
+            _restore_group_settings(engine, universal)
     if path is None:
         raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' could not be loaded (incomplete or from another "
                               "model); delete it or point 'latest' at an older tag")
-    saved_world = len(client["loader"])
-    if saved_world != world_size:
-        raise CheckpointError(f"run dir '{run_dir}' was checkpointed with {saved_world} processes; resume with "
-                              f"{saved_world} processes or start a new run_dir")
-    return {**client, "loader": client["loader"][rank], "rng": client["rng"][rank]}
+    if saved_world == world_size:
+        return {**client, "loader": client["loader"][rank], "rng": client["rng"][rank]}
+    log.info(f"resumed {ckpt_dir / tag} (written by {saved_world} processes) on {world_size}")
+    return {**client, "loader": client["loader"][0], "rng": None}
+
+
+def _universal(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    """``checkpoints/universal/TAG``: the universal form of a tag, converted by rank 0 on first use (into a
+    temporary name, then renamed, so a half-written conversion is never loaded)."""
+    out = ckpt_dir / UNIVERSAL / tag
+    if rank == 0 and not out.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = out.with_name(f".{tag}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)   # ZeRO checkpoints lack its universal_checkpoint_info
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):   # its progress prints would mix with a command's output
+                ds_to_universal.main(args)
+        except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as e:
+            raise CheckpointError(f"cannot convert '{ckpt_dir / tag}' for another number of processes: "
+                                  f"{first_line(e)}") from None
+        log.debug(printed.getvalue().strip())
+        tmp.rename(out)
+    barrier()
+    return out
+
+
+def _restore_group_settings(engine, universal: Path) -> None:
+    """Two repairs after DeepSpeed's (0.19) ZeRO-3 universal load, without which the first update after the
+    resume differs: it gives every parameter group the first group's hyperparameters (the decayed group's
+    weight decay lands on norms and biases), so each group's saved ones are put back; and it gives every
+    group's Adam state one shared ``step`` tensor, which AdamW then advances once per group per step."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    from mebt.safe_unpickle import load_torch_file
+
+    saved = load_torch_file(universal / "zero" / "optimizer_state.pt")["param_groups"]
+    for group, kept in zip(engine.optimizer.param_groups, saved):
+        group.update({k: v for k, v in kept.items() if k != "params"})
+    for state in engine.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:

@@ -7,10 +7,12 @@ a generated one (the typed key wins the argument by refusing the run, naming the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from data_pipeline.elastic import adapt_layout
 from data_pipeline.loader import LoaderConfig
 from mebt.config import check_at_least
 from mebt.core.model import MeBTConfig
@@ -19,6 +21,8 @@ from mebt.core.sampling import SamplingConfig
 from mebt.errors import ConfigError
 from mebt.train.optim import OptimConfig
 from mebt.train.tracking import MLflowConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +138,43 @@ def grad_accum(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(f"deepspeed.grad_accum {cfg.deepspeed.grad_accum} contradicts train.global_batch_size "
                           f"{wanted} (= {cfg.data.batch_size} x {world_size} x {wanted // per_step}); set only one")
     return wanted // per_step
+
+
+def saved_global_batch(meta: dict) -> int:
+    """Clips per step of a checkpoint (``mebt.json``): recorded, or for older checkpoints worked out from
+    the config and process count it was saved with."""
+    if meta.get("global_batch"):
+        return int(meta["global_batch"])
+    saved, world = meta["config"], int(meta["world_size"])
+    per_step = saved["data"]["batch_size"] * world
+    wanted = saved["train"].get("global_batch_size")
+    return wanted if wanted else per_step * saved["deepspeed"]["grad_accum"]
+
+
+def elastic_layout(cfg: RunConfig, saved: dict | None, world_size: int) -> RunConfig:
+    """The config whose batch layout this start uses: ``cfg``, or when resuming a checkpoint (``saved``:
+    its ``mebt.json``) whose clips per step ``cfg`` would change on ``world_size`` processes, ``cfg`` with a
+    micro-batch (at most ``data.batch_size``) and accumulation that keep them. The run's own config (what
+    checkpoints record and resumes compare) stays ``cfg``."""
+    if saved is None:
+        return cfg
+    wanted = saved_global_batch(saved)
+    try:
+        if cfg.data.batch_size * grad_accum(cfg, world_size) * world_size == wanted:
+            return cfg
+    except ConfigError:
+        pass   # train.global_batch_size does not divide on these processes: adapt below
+    fit = adapt_layout(wanted, world_size, cfg.data.batch_size)
+    if fit is None:
+        divisors = [w for w in range(1, wanted + 1) if wanted % w == 0]
+        raise ConfigError(f"the checkpoint of '{cfg.train.run_dir}' trains {wanted} clips per step, which {world_size} "
+                          f"processes cannot share evenly; resume on a process count that divides {wanted} "
+                          f"({', '.join(map(str, divisors[-6:]))}, ...) or start a new train.run_dir")
+    micro, accum = fit
+    log.info(f"resuming a {saved['world_size']}-process checkpoint on {world_size} process(es): {wanted} clips per "
+             f"step as {world_size} x {accum} micro-batch(es) x {micro} clips")
+    return replace(cfg, data=replace(cfg.data, batch_size=micro), deepspeed=replace(cfg.deepspeed, grad_accum=accum),
+                   train=replace(cfg.train, global_batch_size=wanted))
 
 
 def _merge(base: dict, extra: dict, path: str = "") -> dict:

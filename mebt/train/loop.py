@@ -3,8 +3,12 @@
 One code path for one process with no launcher, torchrun, the deepspeed launcher and srun (see
 ``distributed``). ``train`` reads top to bottom: check everything that can be wrong (config, dataset,
 batch sizes) -> process group -> model and engine -> resume -> loop -> final checkpoint. What a restart
-needs (step, every rank's loader position and RNG states, the MLflow run id) lives in ``TrainState`` and
-the DeepSpeed checkpoint's client state; a run directory that has a checkpoint resumes from it.
+needs (step, the loader position, every rank's RNG states, the MLflow run id) lives in ``TrainState`` and
+the DeepSpeed checkpoint's client state; a run directory that has a checkpoint resumes from it, on any
+number of processes that can share its clips per step (``config.elastic_layout``; the checkpoint is then
+read through DeepSpeed's universal format and the loader keeps the saved plan's global batches).
+Masks are drawn per clip from its slot in the epoch (``sample_id``) and the step, so they follow the clip
+to whichever process and micro-batch takes it.
 
 SIGTERM, SIGUSR1 or SIGUSR2 (SLURM's warning before a time limit or preemption; submitit asks SLURM for
 USR2) asks for a stop: the ranks agree on it at a step boundary (the one after the signal's, see
@@ -25,7 +29,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,12 +42,12 @@ from data_pipeline.loader import make_loader
 from mebt.config import flatten, to_dict
 from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT
-from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks
+from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks, slot_seeds
 from mebt.errors import ConfigError, UserError
 from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
-from mebt.train.config import RunConfig, deepspeed_config
+from mebt.train.config import RunConfig, deepspeed_config, elastic_layout
 from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
 from mebt.train.optim import lr_scheduler
 from mebt.train.resume_config import CHANGES_FILE, check_resume, record_changes
@@ -76,7 +80,6 @@ class MeBTLoss(nn.Module):
 @dataclass
 class TrainState:
     step: int = 0
-    masks: torch.Generator = field(default_factory=torch.Generator)   # this rank's mask draws
     mlflow_run_id: str | None = None
 
 
@@ -176,9 +179,14 @@ def train(cfg: RunConfig) -> dict:
     env = resolve_env()
     ensure_logging(env.rank)   # launcher workers and SLURM tasks start here, not in the CLI
     device = pick_device(tc.device, env.local_rank)
-    ds_config = deepspeed_config(cfg, env.world_size, device.type)
-    loader = make_loader(cfg.data, env.rank, env.world_size, expect_grid=tuple(cfg.model.latent_shape),
-                         expect_vocab=cfg.model.vocab_size)
+    run_dir = Path(tc.run_dir)
+    saved = train_checkpoint.saved_meta(run_dir)
+    # On another number of processes than the checkpoint's, the clips per step stay the checkpoint's.
+    layout = elastic_layout(cfg, saved, env.world_size)
+    ds_config = deepspeed_config(layout, env.world_size, device.type)
+    accum = ds_config["gradient_accumulation_steps"]
+    loader = make_loader(layout.data, env.rank, env.world_size, expect_grid=tuple(cfg.model.latent_shape),
+                         expect_vocab=cfg.model.vocab_size, accum=accum)
     samples = SampleWriter(cfg, device, active=env.rank == 0)   # checks the tokenizer against the model
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -191,11 +199,10 @@ def train(cfg: RunConfig) -> dict:
     # 2. Process group, the run dir's lock (one training per run dir), model, engine.
     init_process_group(device)
     lock = RunDirLock(tc.run_dir, active=env.rank == 0)
-    saved = train_checkpoint.saved_config(Path(tc.run_dir))
     changes = []
     if saved is not None:   # before anything is built: a refused change costs nothing
         try:
-            changes = check_resume(saved[1], to_dict(cfg), cfg.allow_config_change, tc.run_dir, saved[0])
+            changes = check_resume(saved["config"], to_dict(cfg), cfg.allow_config_change, tc.run_dir, saved["step"])
         except ConfigError:
             lock.release()
             raise
@@ -209,16 +216,15 @@ def train(cfg: RunConfig) -> dict:
                                            optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            dist_init_required=False)
     state = TrainState()
-    state.masks.manual_seed(tc.seed * 1_000_003 + env.rank)
     seed_everything(tc.seed + 1 + env.rank)   # dropout differs per rank
 
     # 3. Resume.
-    run_dir = Path(tc.run_dir)
     client = train_checkpoint.load(engine, run_dir, env.rank, env.world_size)
     if client is not None:
         state.step, state.mlflow_run_id = client["step"], client.get("mlflow_run_id")
         loader.load_state_dict(client["loader"])
-        train_checkpoint.set_rng_state(client["rng"], state.masks)
+        if client["rng"] is not None:   # None after an elastic resume: dropout draws start afresh
+            train_checkpoint.set_rng_state(client["rng"])
     main = env.rank == 0
     tags = {"world_size": env.world_size, "launcher": env.source}
     if main:
@@ -243,7 +249,6 @@ def train(cfg: RunConfig) -> dict:
     log.debug(f"rank {env.rank} of {env.world_size} (local {env.local_rank}) on {device}, run dir {run_dir}")
 
     # 4. The loop: one iteration is one optimizer step of grad_accum micro-batches.
-    accum = ds_config["gradient_accumulation_steps"]
     peak = peak_flops_per_s(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
                                                                                      torch.float32))
     stop = StopRequest(main)
@@ -275,14 +280,17 @@ def train(cfg: RunConfig) -> dict:
 
     while state.step < tc.steps:
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(accum):
+        # Clip length and mask ratio from (seed, step): the same on every rank and micro-batch, nothing to save.
+        shared_seed = hash((tc.seed, state.step)) & (2 ** 63 - 1)
+        for _ in range(accum):
             t = time.perf_counter()
             batch = next(stream)
             window.wait += time.perf_counter() - t
             codes = batch["codes"].to(device, non_blocking=True)
-            # Clip length and mask ratio from (seed, step, micro-batch): the same on every rank, nothing to save.
-            shared = torch.Generator().manual_seed(hash((tc.seed, state.step, micro)) & (2 ** 63 - 1))
-            masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step, state.masks, shared)
+            # Each sample's masked positions from its slot in the epoch: the same whichever rank takes it.
+            masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step,
+                                 shared=torch.Generator().manual_seed(shared_seed),
+                                 sample_seeds=slot_seeds(tc.seed, batch["epoch"], batch["sample_id"]))
             loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device), masks.n_masked)
             engine.backward(loss)
             engine.step()
@@ -322,8 +330,8 @@ def train(cfg: RunConfig) -> dict:
             stop_if_not_finite()
             last = state.step == tc.steps or requested
             state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main, wait_s=30.0 if last else 2.0)
-            train_checkpoint.save(engine, run_dir, state.step, loader, state.masks,
-                                  {"mlflow_run_id": state.mlflow_run_id}, cfg, tc.keep_last)
+            train_checkpoint.save(engine, run_dir, state.step, loader, {"mlflow_run_id": state.mlflow_run_id},
+                                  cfg, tc.keep_last)
         if requested:
             preempted = stop.signal or "peer"
             break

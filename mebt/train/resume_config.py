@@ -19,7 +19,7 @@ from mebt.config import flatten
 from mebt.errors import ConfigError
 
 CHANGES_FILE = "config_changes.jsonl"
-FREE_KEYS = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_samples",
+FREE_KEYS = ("train.steps", "train.run_dir", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_samples",
              "train.keep_last", "train.trace", "train.tokenizer", "train.device", "allow_config_change")
 FREE_SECTIONS = ("mlflow.", "sampling.")
 FREE_DATA_IO = ("data.data_dir", "data.meta_dir", "data.num_workers", "data.prefetch_factor", "data.pin_memory",

@@ -89,3 +89,28 @@ def test_print_config_shows_the_resolved_config_with_docs(tmp_path, capsys):
     again = load_config(RunConfig, tmp_path / "printed.yaml")    # what it prints loads back as the same config
     assert again == load_config(RunConfig, "tiny", [f"data.data_dir={tmp_path}", "train.steps=7",
                                                      "model.latent_shape=[2,4,4]", "model.vocab_size=32"])
+
+
+def test_an_elastic_resume_keeps_the_checkpoints_clips_per_step():
+    from mebt.config import to_dict
+    from mebt.errors import ConfigError
+    from mebt.train.config import elastic_layout
+
+    cfg = load_config(RunConfig, "configs/tiny.yaml", ["data.data_dir=codes", "data.batch_size=4"])
+    meta = {"config": to_dict(cfg), "world_size": 2, "step": 10}   # an older mebt.json: no global_batch
+
+    def layout(world, **saved):
+        out = elastic_layout(cfg, {**meta, **saved}, world)
+        ds = deepspeed_config(out, world, "cpu")
+        return out.data.batch_size, ds["gradient_accumulation_steps"], ds["train_batch_size"]
+
+    assert elastic_layout(cfg, None, 3) is cfg and elastic_layout(cfg, meta, 2) is cfg
+    assert layout(1) == (4, 2, 8)                         # 2 -> 1: the micro-batch stays, accumulation doubles
+    assert layout(4, world_size=1) == (1, 1, 4)           # 1 -> 4: the micro-batch shrinks
+    assert layout(24, global_batch=96) == (4, 1, 96)      # 32 -> 24 GPUs at 96 clips per step
+    assert layout(3, global_batch=12, world_size=1) == (4, 1, 12)
+    assert layout(2, global_batch=36) == (3, 6, 36)       # 18 clips each: the largest micro-batch <= 4 dividing it
+    assert elastic_layout(cfg, meta, 1).data.batch_size == 4 and cfg.deepspeed.grad_accum == 1   # cfg untouched
+    with pytest.raises(ConfigError, match=r"trains 128 clips per step, which 24 processes cannot share evenly; resume "
+                                          r"on a process count that divides 128 \(4, 8, 16, 32, 64, 128, \.\.\.\)"):
+        elastic_layout(cfg, {**meta, "global_batch": 128}, 24)

@@ -192,14 +192,86 @@ def test_resume_rejects_other_settings(tmp_path):
     root = build_dataset(tmp_path / "ds", [8, 8])
     other = build_dataset(tmp_path / "other", [8, 8], prefix="more")   # the same counts in other shards
     state = make_loader(config(root), 0, 2).state_dict()
-    for cfg, rank, world, text in ((config(root), 0, 1, r"settings changed: world_size \(saved 2, now 1\); resume"),
-                                   (config(other), 0, 2, r"settings changed: dataset \(saved"),
-                                   (config(root, num_workers=2), 0, 2, "num_streams"),
-                                   (config(root), 1, 2, r"settings changed: rank \(saved 0, now 1\); resume")):
+    for cfg, world, accum, text in ((config(root), 1, 1, r"saved taking 8 clips per step \(2 process\(es\) x 1 "
+                                                         r"micro-batch\(es\) x 4\) and now takes 4 \(1 x 1 x 4\)"),
+                                    (config(other), 2, 1, r"settings changed: dataset \(saved"),
+                                    (config(root, seed=1), 1, 2, r"settings changed: seed \(saved 0, now 1\)")):
         with pytest.raises(ConfigError, match=text):
-            make_loader(cfg, rank, world).load_state_dict(state)
+            make_loader(cfg, 0, world, accum=accum).load_state_dict(state)
     with pytest.raises(ConfigError, match="stream seeds"):
         make_loader(config(root), 0, 2).load_state_dict({**state, "stream_seeds": [1]})
+    # Inside a step of 2 batches a state resumes only its own layout.
+    loader = make_loader(config(root), 0, 1, accum=2)
+    take(loader, 1)
+    inside = loader.state_dict()
+    with pytest.raises(ConfigError, match="inside an optimizer step of 2 batches"):
+        make_loader(config(root), 0, 2).load_state_dict(inside)
+    make_loader(config(root), 0, 1, accum=2).load_state_dict(inside)
+
+
+def global_steps(loaders: list, accum: int, steps: int) -> list[dict]:
+    """The next ``steps`` global batches of ranks that step together: every rank's ``accum`` micro-batches
+    of a step, rank by rank."""
+    from data_pipeline.elastic import concat_batches
+
+    streams = [iter(_forever(loader)) for loader in loaders]
+    return [concat_batches([next(stream) for stream in streams for _ in range(accum)]) for _ in range(steps)]
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+@pytest.mark.filterwarnings("ignore::data_pipeline.loader.CorruptShardWarning")
+@pytest.mark.parametrize("first, damaged", [((2, 4, 1, 2), False), ((2, 4, 1, 2), True), ((1, 4, 2, 1), False)])
+def test_elastic_resume_keeps_every_global_batch_and_each_sample_once(tmp_path, first, damaged):
+    # 50 clips of 4 frames cropped to 2, uneven shards; 8 clips per step: 6 steps per epoch, 2 dropped.
+    # first: the first start's (processes, clips per micro-batch, micro-batches per step, workers).
+    root = build_dataset(tmp_path / "ds", [7, 13, 4, 16, 10], frames=[4] * 50)
+    if damaged:   # the stand-ins for a corrupt shard follow the slots too
+        damage(root / "train-000001.tar", "truncate")
+    base = {"crop_frames": 2, "shuffle_buffer": 6}
+
+    def loaders(world, batch, accum, workers):
+        return [make_loader(config(root, batch_size=batch, num_workers=workers, **base), r, world, accum=accum)
+                for r in range(world)]
+
+    reference = global_steps(loaders(*first), first[2], 15)
+    for layouts in ([(1, 4, 2, 0)], [(1, 8, 1, 2)], [(2, 4, 1, 0)], [(4, 2, 1, 1)], [(1, 4, 2, 2), (2, 2, 2, 0)]):
+        if layouts[0][:3] == first[:3] and max(1, layouts[0][3]) == max(1, first[3]):
+            continue   # the first start's own layout
+        stop = 4   # inside epoch 0; a chained resume stops again inside epoch 1
+        run = loaders(*first)
+        got = global_steps(run, first[2], stop)
+        state = json.loads(json.dumps(run[-1].state_dict()))
+        for i, (world, batch, accum, workers) in enumerate(layouts):
+            resumed = loaders(world, batch, accum, workers)
+            for loader in resumed:
+                loader.load_state_dict(state)
+            assert all(loader.elastic for loader in resumed)
+            n = 15 - stop if i == len(layouts) - 1 else 5
+            got += global_steps(resumed, accum, n)
+            stop += n
+            state = json.loads(json.dumps(resumed[-1].state_dict()))
+            assert (state["plan"]["world_size"], state["plan"]["accum"]) == first[::2]   # the first start's slots
+        assert len(got) == len(reference)
+        for a, b in zip(got, reference):
+            assert (a["key"], a["epoch"]) == (b["key"], b["epoch"])
+            for name in ("codes", "frame_offset", "pad", "sample_id"):
+                assert torch.equal(a[name], b[name])
+            check_codes(a, [4] * 50)
+    # Each epoch takes 48 different slots, once each; without damage, 48 different clips.
+    for epoch in (0, 1):
+        batches = [b for b in reference if b["epoch"] == epoch]
+        assert sorted(torch.cat([b["sample_id"] for b in batches]).tolist()) == list(range(48))
+        if not damaged:
+            assert len({k for b in batches for k in b["key"]}) == 48
+    # Back on the first layout the saved plan is this loader's own again.
+    back = loaders(*first)
+    for loader in back:
+        loader.load_state_dict(state)
+    assert not any(loader.elastic for loader in back)
 
 
 def damage(path, how: str) -> None:
@@ -338,7 +410,8 @@ def test_errors_are_one_line_user_errors(tmp_path):
          r"latent_shape \[4, 4, 4\].*; model.vocab_size 16384.*leave these keys out"),
         (lambda: make_loader(config(root, split="val")), DatasetError, "no samples of split 'val'"),
         (lambda: make_loader(config(root, batch_size=8), 0, 2), ConfigError,
-         r"fewer than one batch per rank \(2 rank\(s\) x data.batch_size 8\); set data.batch_size to at most"),
+         r"fewer than one step.s \(2 rank\(s\) x 1 micro-batch\(es\) x data.batch_size 8\); "
+         r"set data.batch_size to at most 6"),
         (lambda: make_loader(config(root), 2, 2), ConfigError, "rank 2"),
         (lambda: config(root, batch_size=0), ConfigError, "'batch_size' must be >= 1"),
         (lambda: LoaderConfig(), ConfigError, "'data_dir' is empty"),

@@ -166,3 +166,20 @@ def test_chunked_loss_equals_plain_loss_and_gradients_and_saves_no_full_logits(b
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
     assert not any(len(s) and s[-1] == 24 for s in saved)  # no [rows, vocab] logits kept for backward
+
+
+def test_sample_seeds_make_each_samples_masks_its_own():
+    # A sample's offset and masked positions follow its seed, not its batch or neighbours: what lets an
+    # elastic resume deal a step's samples to other processes and micro-batches and draw the same masks.
+    cfg = ObjectiveConfig(t_prior="gaussian2")
+
+    def masks(seeds):
+        return sample_masks(cfg, len(seeds), (8, 2, 2), 30000, shared=torch.Generator().manual_seed(5),
+                            sample_seeds=seeds)
+
+    whole, tail = masks([11, 12, 13, 14]), masks([13, 14])
+    assert whole.clip_frames == tail.clip_frames and whole.n_masked == tail.n_masked
+    assert torch.equal(whole.tgt_idx[2:], tail.tgt_idx) and torch.equal(whole.ctx_idx[2:], tail.ctx_idx)
+    assert not torch.equal(whole.tgt_idx[0].sort().values, whole.tgt_idx[1].sort().values)
+    with pytest.raises(ValueError, match="3 sample seeds for a batch of 2"):
+        sample_masks(cfg, 2, (8, 2, 2), 0, shared=torch.Generator(), sample_seeds=[1, 2, 3])
