@@ -3,11 +3,17 @@
 Training: one submitit task per GPU (or per process on CPU) on each node. Every task derives the
 torch.distributed/DeepSpeed rendezvous from the submitit job environment (ranks and world size; the master
 is the first hostname; the port comes from the job id so all tasks agree without talking), then runs the
-same ``train`` as `mebt train`. SLURM is asked for SIGUSR2 ``signal_delay_s`` before the time limit
-(submitit's convention); preemption sends SIGTERM. Either makes the training checkpoint at the next
-step boundary; then rank 0 requeues the job (``scontrol requeue``, up to ``max_requeues`` times, counted by
-SLURM_RESTART_COUNT) and every task exits without a result, so submitit sees a requeued job, not a
-finished one. The requeued job resumes from the checkpoint into the same run directory and MLflow run.
+same ``train`` as `mebt train`. The job runs what was submitted: its config is resolved at submission and
+pickled with it, and its code is a snapshot made at submission (``launchers.snapshot``).
+
+Requeue, one mechanism and one counter: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit
+(``--signal``, submitit's convention) and SIGTERM on preemption or ``scancel``. Either makes the training
+checkpoint at the next step boundary (a signal that arrives while the task is still starting is kept and
+honoured at the first one); then rank 0 requeues the job with ``scontrol requeue``, up to ``max_requeues``
+times counted by SLURM's own SLURM_RESTART_COUNT, and every task exits with code 75 and no result, so
+submitit sees a requeued job, not a finished one. submitit's own requeue (``checkpoint()``,
+``max_num_timeout``) is not used. The requeued job resumes from the checkpoint into the same run directory
+and MLflow run, on however many tasks it gets (elastic resume).
 
 Preprocessing: a job array, one task per slice (``--task-index/--num-tasks`` of `mebt preprocess`); the
 task that finishes the last shard merges the manifest, and a rerun only redoes missing shards.
@@ -16,10 +22,13 @@ The submission is recorded in ``RUN_DIR/launch.json`` (job id, logs) for `mebt l
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_pipeline.preprocess import PreprocessConfig
+from launchers.snapshot import absolute_paths, snapshot_code, working_dir
 from mebt.config import as_base
 from mebt.errors import ConfigError, UserError
 from mebt.eval.evaluate import EvalJob
@@ -110,7 +120,7 @@ def executor(cfg: SlurmConfig, folder: Path, local: bool, array: int | None = No
         ex.update_parameters(timeout_min=cfg.time_min, nodes=1, tasks_per_node=cfg.tasks_per_node,
                              gpus_per_node=cfg.gpus_per_node)
         return ex
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)   # requeues are the training's (module docstring)
     extra = {"requeue": True}   # scontrol requeue needs a requeueable job
     if cfg.account:
         extra["account"] = cfg.account
@@ -160,10 +170,17 @@ class TrainTask:
         self.cfg, self.max_requeues = cfg, max_requeues
 
     def __call__(self) -> dict:
+        # From here on a stop signal is the training's: submitit's handlers would requeue on their own.
+        early: list[str] = []
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: early.append(signal.Signals(signum).name))
         from mebt.train.loop import REQUEUE_EXIT_CODE, train
 
         rendezvous_from_submitit()
-        result = train(self.cfg)
+        if os.environ.get("RANK") == "0":
+            print(f"mebt: running the code in {Path(__file__).resolve().parents[1]} (restart "
+                  f"{os.environ.get('SLURM_RESTART_COUNT', 0)} of at most {self.max_requeues})", file=sys.stderr)
+        result = train(self.cfg, early_signals=early)
         if not result["preempted"]:
             return result
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
@@ -179,18 +196,12 @@ class TrainTask:
                   file=sys.stderr)
         sys.exit(REQUEUE_EXIT_CODE)   # SystemExit: submitit writes no result, the requeued job will
 
-    def checkpoint(self, *args, **kwargs):
-        # submitit's own USR2 handler (active before training installs its own) requeues this same task.
-        import submitit
 
-        return submitit.helpers.DelayedSubmission(self)
-
-
-def record(run_dir: Path, job, kind: str, cfg: SlurmConfig, command: list[str]) -> dict:
+def record(run_dir: Path, job, kind: str, cfg: SlurmConfig, command: list[str], code: dict | None = None) -> dict:
     job_id = str(job.job_id).split("_")[0]   # an array's tasks are JOB_0, JOB_1, ...
     info = {"kind": kind, "job_id": job_id, "submitted_at": time.time(), "slurm": asdict(cfg),
             "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "folder": str(job.paths.folder),
-            "command": command}
+            "command": command, "code": code}
     from mebt.fsutil import write_bytes
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,24 +225,32 @@ def submit_train(cfg, slurm: SlurmConfig, dry_run: bool = False, local: bool = F
     deepspeed_config(cfg, slurm.world_size, "cuda" if slurm.gpus_per_node else "cpu")
     make_loader(cfg.data, 0, slurm.world_size, expect_grid=tuple(cfg.model.latent_shape),
                 expect_vocab=cfg.model.vocab_size)
-    run_dir = Path(cfg.train.run_dir).resolve()
+    # What the job runs does not depend on the working directory or on later edits (launchers.snapshot).
+    cfg = absolute_paths(cfg)
+    run_dir = Path(cfg.train.run_dir)
     uri = tracking_uri(cfg.mlflow.tracking_uri, run_dir)
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
     return _queue(slurm, run_dir, "train", dry_run, local,
                   lambda folder: [executor(slurm, folder, local).submit(TrainTask(cfg, slurm.max_requeues))],
-                  f", MLflow {uri} experiment '{cfg.mlflow.experiment}'" if cfg.mlflow.enabled else "")
+                  f", MLflow {uri} experiment '{cfg.mlflow.experiment}'" if cfg.mlflow.enabled else "",
+                  snapshot=True)
 
 
-def _queue(slurm: SlurmConfig, out: Path, kind: str, dry_run: bool, local: bool, submit, note: str = "") -> dict | None:
-    """The sbatch script for a dry run; else check the cluster, ``submit(folder) -> jobs``, record, announce."""
+def _queue(slurm: SlurmConfig, out: Path, kind: str, dry_run: bool, local: bool, submit, note: str = "",
+           snapshot: bool = False) -> dict | None:
+    """The sbatch script for a dry run; else check the cluster, ``submit(folder) -> jobs`` (from a snapshot of
+    the code when asked), record, announce."""
     folder = out / "slurm"
     if dry_run:
         print(sbatch_script(slurm, folder))
         return None
     if not local:
         check_cluster(slurm)
-    jobs = submit(folder)
-    info = record(out, jobs[0], kind, slurm, sys.argv)
-    _announce(info, out, note)
+    code = snapshot_code(folder) if snapshot else None
+    with working_dir(code["path"]) if code else contextlib.nullcontext():
+        jobs = submit(folder)
+    info = record(out, jobs[0], kind, slurm, sys.argv, code)
+    _announce(info, out, note + (f", code {code['path']}" if code else ""))
     return {**info, "jobs": jobs}
 
 
@@ -283,6 +302,11 @@ def status(run_dir: str | Path, lines: int = 15) -> dict:
     states = [s for s in states if s.strip()]
     report = {"job_id": info["job_id"], "kind": info["kind"],
               "state": "; ".join(states) if states else "not in the queue (finished, failed or cancelled)"}
+    code = info.get("code")
+    if code:
+        git = (f", git {code['git_commit'][:12]}{' with uncommitted changes' if code['git_dirty'] else ''}"
+               if code.get("git_commit") else "")
+        report["code"] = f"{code['path']} (sha256 {code['sha256'][:12]}, {code['files']} files{git})"
     if info["kind"] == "train":
         metrics = run_dir / "metrics.jsonl"
         last = metrics.read_text().splitlines()[-1] if metrics.is_file() and metrics.stat().st_size else None

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from mebt.errors import Interrupted, UserError
 from mebt.flags import Command, add_command, build_config, format_config, parse_args
@@ -69,7 +70,7 @@ def run_launch_status(cfg) -> None:
     from launchers.slurm import status
 
     report = status(cfg.run_dir, lines=cfg.lines)
-    for key in ("job_id", "kind", "state", "checkpoint", "last_logged", "dataset", "reports"):
+    for key in ("job_id", "kind", "state", "code", "checkpoint", "last_logged", "dataset", "reports"):
         if key in report:
             print(f"{key}: {json.dumps(report[key]) if isinstance(report[key], dict) else report[key]}")
     print(f"--- stdout (last {cfg.lines} lines)\n{report['stdout_tail']}\n--- stderr (last {cfg.lines} lines)\n"
@@ -102,6 +103,23 @@ def run_runs_list(cfg) -> None:
     from mebt.eval.runs import LIST_COLUMNS, format_table, list_runs
 
     print(format_table(list_runs(cfg.tracking_uri, cfg.experiment, cfg.filter, cfg.max_runs), LIST_COLUMNS))
+
+
+def run_runs_sync(cfg) -> None:
+    from mebt.errors import UserError
+    from mebt.train.checkpoint import saved_meta
+    from mebt.train.metrics_sync import sync_run
+    from mebt.train.tracking import mlflow_client, recorded_run_id, recorded_tracking_uri
+
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"'{run_dir}' has no metrics.jsonl; give the run dir of a mebt train run")
+    uri = cfg.tracking_uri or recorded_tracking_uri(run_dir)
+    run_id = cfg.run_id or recorded_run_id(run_dir) or (saved_meta(run_dir) or {}).get("mlflow_run_id")
+    if not uri or not run_id:
+        raise UserError(f"'{run_dir}' records no MLflow {'store' if not uri else 'run id'}; pass --tracking-uri and "
+                        "--run-id")
+    print(json.dumps({**sync_run(run_dir, mlflow_client(uri), run_id), "tracking_uri": uri}))
 
 
 def run_runs_compare(cfg) -> None:
@@ -277,6 +295,10 @@ COMMANDS = [
     Command(("runs", "list"), f"{C}:RunsConfig", run_runs_list, "runs with status, duration, last step and metrics"),
     Command(("runs", "compare"), f"{C}:RunsConfig", run_runs_compare,
             "the params that differ, best and last metrics, a plot"),
+    Command(("runs", "sync"), f"{C}:SyncConfig", run_runs_sync, "send a run's metrics that MLflow missed",
+            "Send the points of RUN_DIR/metrics.jsonl (the run's own record) that its MLflow run lacks, e.g. after "
+            "the tracking server was away when the run ended. Points are known by (key, step): running it again "
+            "sends nothing.", positional=("run_dir",)),
     Command(("demo",), "mebt.demo:DemoConfig", run_demo,
             "from nothing to generated videos: every stage of mebt on this machine",
             "Synthesize videos, train a small tokenizer, preprocess into verified shards, train MeBT with DeepSpeed "

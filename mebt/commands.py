@@ -42,6 +42,13 @@ class StatusConfig:
 
 
 @dataclass
+class SyncConfig:
+    run_dir: str = ""                # a training run dir: its metrics.jsonl is sent to its MLflow run
+    tracking_uri: Optional[str] = None   # default: the store the run dir recorded
+    run_id: Optional[str] = None     # default: the run id the run dir recorded (mlflow.json, else its checkpoint)
+
+
+@dataclass
 class RunsConfig:
     tracking_uri: Optional[str] = None   # MLflow URI (http://..., sqlite:///...) or a run dir
     experiment: Optional[str] = None     # experiment name (compare: default, the only one with runs)

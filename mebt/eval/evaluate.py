@@ -33,6 +33,7 @@ from mebt.eval.protocols import get_protocol, resolve_counts
 from mebt.fsutil import atomic_write, write_json
 from mebt.media import tile, to_uint8, write_formats
 from mebt.train.distributed import pick_device
+from mebt.train.tracking import recorded_run_id
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ def load_for_eval(checkpoint: str | Path):
     from mebt.train.checkpoint import consolidated_model
 
     model, meta, tag_dir = consolidated_model(path)
-    return model, {"step": meta["step"], "config": meta["config"], "run_dir": tag_dir.parent.parent,
-                   "mlflow_run_id": meta.get("mlflow_run_id"), "tag": tag_dir.name}
+    run_dir = tag_dir.parent.parent
+    return model, {"step": meta["step"], "config": meta["config"], "run_dir": run_dir,
+                   "mlflow_run_id": meta.get("mlflow_run_id") or recorded_run_id(run_dir), "tag": tag_dir.name}
 
 
 def eval_dir(cfg: EvalConfig, info: dict) -> Path:

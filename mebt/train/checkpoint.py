@@ -25,6 +25,7 @@ from mebt.core.model_file import CheckpointError, first_line, model_from_state_d
 from mebt.fsutil import write_bytes
 from mebt.train.distributed import all_gather_object, barrier, quiet_deepspeed
 from mebt.train.tracking import recorded_tracking_uri
+from mebt.train.train_state import for_rank, merge
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +40,19 @@ def tag_of(step: int) -> str:
     return f"global_step{step}"
 
 
-def rng_state() -> dict:
-    """This process's global RNG streams (dropout); masks are drawn from per-sample seeds, not from these."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save(engine, run_dir: Path, step: int, loader, client: dict, cfg, keep_last: int) -> Path:
-    """Checkpoint on every rank; ``latest`` moves to it only once every rank has finished writing. ``cfg`` is
-    the run's config as given (an elastic resume's adapted batch layout is recorded as ``global_batch``)."""
+def save(engine, state, run_dir: Path, cfg, keep_last: int) -> Path:
+    """Checkpoint ``engine`` and every rank's ``TrainState`` at ``state.step``; ``latest`` moves to it only once
+    every rank has finished writing. ``cfg`` is the run's config as given (an elastic resume's adapted batch
+    layout is recorded as ``global_batch``)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    gathered = all_gather_object({"loader": loader.state_dict(), "rng": rng_state()})
-    state = {**client, "step": step, "loader": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered]}
-    tag = tag_of(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    gathered = all_gather_object(state.state_dict())
+    tag = tag_of(state.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=merge(gathered), save_latest=False)
     barrier()
     if engine.global_rank == 0:
-        meta = {"step": step, "config": to_dict(cfg), "world_size": len(gathered),
+        meta = {"step": state.step, "config": to_dict(cfg), "world_size": len(gathered),
                 "global_batch": engine.train_batch_size(), "zero_stage": engine.zero_optimization_stage(),
-                "mlflow_run_id": client.get("mlflow_run_id")}
+                "mlflow_run_id": state.mlflow_run_id}
         write_bytes(ckpt_dir / tag / META, json.dumps(meta, indent=2).encode())
         write_bytes(ckpt_dir / LATEST, tag.encode())
         _prune(ckpt_dir, keep_last, keep=tag)
@@ -111,12 +98,13 @@ def saved_meta(run_dir: Path) -> dict | None:
 
 
 def load(engine, run_dir: Path, rank: int, world_size: int) -> dict | None:
-    """Restore the latest checkpoint into ``engine``; returns this rank's client state (None: fresh run).
+    """Restore the latest checkpoint into ``engine``; returns this rank's ``TrainState.state_dict()`` (None:
+    fresh run).
 
     A checkpoint of another number of processes is resumed through DeepSpeed's universal checkpoint: rank 0
     converts it once (``checkpoints/universal/TAG``; ZeRO's partitioned fp32 weights and Adam moments
-    become one file per parameter) and every rank loads its new partition from that. Its ``rng`` is then
-    None (the saved streams belong to other processes) and its ``loader`` the one shared position.
+    become one file per parameter) and every rank loads its new partition from that (``train_state.for_rank``
+    says what becomes of the per-rank parts).
     """
     tag = latest_tag(run_dir)
     if tag is None:
@@ -142,10 +130,9 @@ def load(engine, run_dir: Path, rank: int, world_size: int) -> dict | None:
     if path is None:
         raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' could not be loaded (incomplete or from another "
                               "model); delete it or point 'latest' at an older tag")
-    if saved_world == world_size:
-        return {**client, "loader": client["loader"][rank], "rng": client["rng"][rank]}
-    log.info(f"resumed {ckpt_dir / tag} (written by {saved_world} processes) on {world_size}")
-    return {**client, "loader": client["loader"][0], "rng": None}
+    if saved_world != world_size:
+        log.info(f"resumed {ckpt_dir / tag} (written by {saved_world} processes) on {world_size}")
+    return for_rank(client, rank, world_size)
 
 
 def _universal(ckpt_dir: Path, tag: str, rank: int) -> Path:

@@ -29,7 +29,6 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,11 +48,13 @@ from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config, elastic_layout
 from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
+from mebt.train.metrics_sync import HISTORY, PREFIX, history_points, read_history
 from mebt.train.optim import lr_scheduler
 from mebt.train.resume_config import CHANGES_FILE, check_resume, record_changes
 from mebt.train.run_lock import RunDirLock
 from mebt.train.samples import SampleWriter
-from mebt.train.tracking import Tracker
+from mebt.train.tracking import Tracker, recorded_run_id
+from mebt.train.train_state import LogWindow, TrainState
 
 REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "try again"; launchers requeue on it
 
@@ -77,19 +78,14 @@ class MeBTLoss(nn.Module):
                                    self.objective.loss_chunk_rows, n_masked=n_masked)
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    mlflow_run_id: str | None = None
-
-
 class StopRequest:
     """Remembers SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C (SIGINT) so the loop can stop at a step boundary, after a
     checkpoint, instead of mid-step. A second Ctrl-C (a second later or more: a launcher forwards the
     terminal's own SIGINT, so each worker gets two at once) stops at once, without a checkpoint."""
 
-    def __init__(self, main: bool):
-        self.signal, self._main, self._first_int = None, main, None
+    def __init__(self, main: bool, early: list[str] | None = None):
+        # early: signals a launcher caught while the process was starting, honoured at the first step boundary
+        self.signal, self._main, self._first_int = (early or [None])[0], main, None
         self._old = {s: signal.signal(s, self._handle)
                      for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
 
@@ -158,20 +154,9 @@ class _Trace:
             self.rows = []
 
 
-class _Window:
-    """Sums over the steps since the last log: loss and accuracy on the device, FLOPs, tokens and data wait
-    on the host (they come from shapes and clocks)."""
-
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.acc1 = torch.zeros((), dtype=torch.float64, device=device)
-        self.flops = self.tokens = self.wait = 0.0
-        self.steps = 0
-        self.start = time.perf_counter()
-
-
-def train(cfg: RunConfig) -> dict:
-    """Train to ``cfg.train.steps``; the result's ``final_loss`` is the last logged ``train/loss`` (the mean
+def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
+    """Train to ``cfg.train.steps`` (``early_signals``: stop signals a launcher caught before this started);
+    the result's ``final_loss`` is the last logged ``train/loss`` (the mean
     over the last log window's steps and all ranks: the value of metrics.jsonl and MLflow, one definition)."""
     started_ms = int(time.time() * 1000)   # the MLflow run's start time, even when it is created later
     tc = cfg.train
@@ -215,16 +200,15 @@ def train(cfg: RunConfig) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=MeBTLoss(model, cfg.objective).to(device),
                                            optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            dist_init_required=False)
-    state = TrainState()
+    state = TrainState(loader, device)
     seed_everything(tc.seed + 1 + env.rank)   # dropout differs per rank
 
     # 3. Resume.
     client = train_checkpoint.load(engine, run_dir, env.rank, env.world_size)
     if client is not None:
-        state.step, state.mlflow_run_id = client["step"], client.get("mlflow_run_id")
-        loader.load_state_dict(client["loader"])
-        if client["rng"] is not None:   # None after an elastic resume: dropout draws start afresh
-            train_checkpoint.set_rng_state(client["rng"])
+        state.load_state_dict(client)
+        # A checkpoint written before the MLflow run existed (a loaded machine) has none: the run dir's record does.
+        state.mlflow_run_id = state.mlflow_run_id or recorded_run_id(run_dir)
     main = env.rank == 0
     tags = {"world_size": env.world_size, "launcher": env.source}
     if main:
@@ -237,12 +221,14 @@ def train(cfg: RunConfig) -> dict:
             tags["config_changes"] = history_of_changes
             shown = "; ".join(f"{c['key']} {c['saved']} -> {c['now']}" for c in changes)
             log.info(f"resumed with config changes ({CHANGES_FILE}): {shown}")
+    trace = _Trace(_Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace))
+    history = _Records(run_dir / HISTORY, state.step, main)
+    # The metrics logged before this start go along: what MLflow missed is sent, what it has is not resent.
     tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id, start_ms=started_ms,
-                      params=flatten(to_dict(cfg)), tags=tags)
+                      params=flatten(to_dict(cfg)), tags=tags,
+                      replay=history_points(read_history(run_dir)) if main and client else None)
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
         tracker.log_artifact(run_dir / name)
-    trace = _Trace(_Records(run_dir / "trace" / f"rank{env.rank}.jsonl", state.step, tc.trace))
-    history = _Records(run_dir / "metrics.jsonl", state.step, main)
     log.info(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
              f"{device.type}, ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, "
              f"{ds_config['train_batch_size']} clips/step" + (f", resumed at step {state.step}" if client else ""))
@@ -251,11 +237,11 @@ def train(cfg: RunConfig) -> dict:
     # 4. The loop: one iteration is one optimizer step of grad_accum micro-batches.
     peak = peak_flops_per_s(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
                                                                                      torch.float32))
-    stop = StopRequest(main)
+    stop = StopRequest(main, early_signals)
     votes = StopVote()
     stream = _stream(loader)
     bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", disable=not main)
-    window = _Window(device)
+    window = state.window
     preempted = None
     final_loss = None   # the last logged train/loss
     # The first step whose loss was not finite (0: none), kept on the device and read where the loop reads
@@ -303,8 +289,7 @@ def train(cfg: RunConfig) -> dict:
             trace.add(state.step + 1, loss, metrics["acc1"], batch["key"])
         state.step += 1
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(step_loss), state.step, bad_step)
-        window.loss += step_loss / accum
-        window.steps += 1
+        window.add_step(step_loss / accum)
         bar.update(1)
 
         if state.step % tc.log_every == 0 or state.step == tc.steps:
@@ -313,13 +298,14 @@ def train(cfg: RunConfig) -> dict:
             trace.flush()
             history.write(record)
             final_loss = record["loss"]
-            tracker.log_metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, state.step)
+            tracker.log_metrics({f"{PREFIX}{k}": v for k, v in record.items() if k != "step"}, state.step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
             log.info(f"step {state.step}/{tc.steps}: loss {record['loss']:.4f}, acc1 {record['acc1']:.4f}, "
                      f"lr {record['lr']:.3g}, {record['samples_per_s']:.1f} clips/s, "
                      f"{record['step_time_s']:.3f} s/step (data wait {record['data_wait_s'] * 1000:.1f} ms)"
                      + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
-            window = _Window(device)
+            state.new_window()
+            window = state.window
             stop_if_not_finite()
 
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
@@ -330,8 +316,7 @@ def train(cfg: RunConfig) -> dict:
             stop_if_not_finite()
             last = state.step == tc.steps or requested
             state.mlflow_run_id = state.mlflow_run_id or _run_id(tracker, main, wait_s=30.0 if last else 2.0)
-            train_checkpoint.save(engine, run_dir, state.step, loader, {"mlflow_run_id": state.mlflow_run_id},
-                                  cfg, tc.keep_last)
+            train_checkpoint.save(engine, state, run_dir, cfg, tc.keep_last)
         if requested:
             preempted = stop.signal or "peer"
             break
@@ -369,7 +354,7 @@ def interrupted_line(run_dir: str | Path) -> str:
             "same command to resume from it")
 
 
-def _log_record(window: _Window, step: int, engine, world_size: int, clips_per_step: int, device, peak) -> dict:
+def _log_record(window: LogWindow, step: int, engine, world_size: int, clips_per_step: int, device, peak) -> dict:
     """The metrics of the steps in ``window``, averaged over them and the ranks: the one device read and
     all-reduce of a log step."""
     seconds = time.perf_counter() - window.start
@@ -379,10 +364,10 @@ def _log_record(window: _Window, step: int, engine, world_size: int, clips_per_s
     if world_size > 1:
         dist.all_reduce(sums)
     loss, acc1, flops, tokens = sums.tolist()
-    n = window.steps
+    n, timed = window.steps, max(window.timed, 1)   # timed: this process's steps (after a restart, fewer)
     record = {"step": step, "loss": loss / n / world_size, "acc1": acc1 / n / world_size,
-              "lr": float(engine.get_lr()[0]), "samples_per_s": n * clips_per_step / seconds,
-              "tokens_per_s": tokens / seconds, "step_time_s": seconds / n, "data_wait_s": window.wait / n,
+              "lr": float(engine.get_lr()[0]), "samples_per_s": timed * clips_per_step / seconds,
+              "tokens_per_s": tokens / seconds, "step_time_s": seconds / timed, "data_wait_s": window.wait / timed,
               "peak_memory_mib": _peak_memory_mib(device)}
     achieved = mfu(flops / seconds / world_size, peak)
     if achieved is not None:

@@ -38,6 +38,7 @@ import yaml
 from mebt.errors import ConfigError
 from mebt.fsutil import write_json
 from mebt.logs import adopt_library_logger
+from mebt.train.metrics_sync import HISTORY, PREFIX, logged_steps, not_logged, send
 
 
 class TrackingWarning(UserWarning):
@@ -72,6 +73,18 @@ def recorded_tracking_uri(run_dir: str | Path | None) -> str | None:
             raise ConfigError(f"'{record}' is not a store record written by mebt train (delete it to log to the "
                               "default store)") from None
     return f"sqlite:///{old_default.resolve()}" if old_default.is_file() else None
+
+
+def recorded_run_id(run_dir: str | Path | None) -> str | None:
+    """The MLflow run id a run dir recorded beside its store (written as soon as the run exists, so also
+    when the first checkpoint was written before it did)."""
+    record = Path(run_dir) / STORE_RECORD if run_dir is not None else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text()).get("run_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def tracking_uri(configured: str | None, run_dir: str | Path | None) -> str:
@@ -161,7 +174,10 @@ class Tracker:
     """Rank-0 MLflow logging that never stops training."""
 
     def __init__(self, cfg: MLflowConfig, run_dir: str | Path, *, active: bool, run_id: str | None = None,
-                 params: dict | None = None, tags: dict | None = None, start_ms: int | None = None):
+                 params: dict | None = None, tags: dict | None = None, start_ms: int | None = None,
+                 replay: list[tuple[str, float, int]] | None = None):
+        """``replay``: the (key, value, step) points the run logged before this start (``metrics_sync``): those
+        the MLflow run lacks are sent first, and later points at steps it has already are not sent again."""
         self.run_id: str | None = None  # set by the thread once the run exists on the server
         self._active = bool(active and cfg.enabled)
         if not self._active:
@@ -171,6 +187,7 @@ class Tracker:
         self._start_ms, self._end_ms = int(start_ms or time.time() * 1000), None
         self._cfg, self._run_dir = cfg, Path(run_dir).resolve()
         self._resume_id, self._params, self._tags = run_id, dict(params or {}), dict(tags or {})
+        self._replay, self._logged = list(replay or []), {}
         self._uri = tracking_uri(cfg.tracking_uri, self._run_dir)
         self._cond = threading.Condition()  # guards the queues and counters; notified when the thread progresses
         self._points: collections.deque = collections.deque()  # (seq, key, value, timestamp_ms, step)
@@ -262,7 +279,9 @@ class Tracker:
         r = self._result
         if r["dropped"] or r["pending"] or n_art:
             self._warn(f"MLflow run {self.run_id or '(never created)'} at {self._uri}: {r['dropped']} metric points dropped "
-                       f"and {r['pending']} not sent ({n_art} artifacts not sent); the training itself is unaffected")
+                       f"and {r['pending']} not sent ({n_art} artifacts not sent); the training itself is unaffected, "
+                       f"and its metrics are in {self._run_dir / HISTORY}: `mebt runs sync {self._run_dir}` sends "
+                       "them once the server is back (so does the next start of the run)")
         return dict(r)
 
     def _stage_artifact(self, name: str, artifact_path: str | None, write) -> None:
@@ -338,9 +357,20 @@ class Tracker:
                                         run_name=self._cfg.run_name or self._run_dir.name)
             self.run_id = run.info.run_id
             self._start_monitor(resumed=self.run_id == self._resume_id)
+            try:   # the run id beside the store, before any checkpoint: `mebt runs sync` and evaluations find it
+                write_json(self._run_dir / STORE_RECORD, {"tracking_uri": self._uri, "experiment": self._cfg.experiment,
+                                                          "run_id": self.run_id})
+            except OSError:
+                pass   # warned at start already: the run dir is not writable
+        data = client.get_run(self.run_id).data
+        if self._replay is not None:   # what the run has logged (before a kill, or a server away) and lacks
+            keys = {k for k, _, _ in self._replay} | {k for k in data.metrics if k.startswith(PREFIX)}
+            self._logged = logged_steps(client, self.run_id, keys)
+            send(client, self.run_id, not_logged(self._replay, self._logged), int(time.time() * 1000))
+            self._replay = None
         # Params are immutable in MLflow: log only keys the run lacks (on resume, or on a retry after a
         # partial start) and report the ones whose value changed.
-        old = client.get_run(self.run_id).data.params
+        old = data.params
         new = {str(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in self._params.items()}
         changed = sorted(k for k in new if k in old and old[k] != new[k])
         if changed:
@@ -373,8 +403,10 @@ class Tracker:
             with self._cond:
                 batch = [self._points[i] for i in range(min(_BATCH, len(self._points)))]
             lost = False
-            try:
-                client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for _, k, v, ts, s in batch])
+            try:   # steps the run has already (redone after a kill) are not logged twice
+                fresh = [Metric(k, v, ts, s) for _, k, v, ts, s in batch if s not in self._logged.get(k, ())]
+                if fresh:
+                    client.log_batch(self.run_id, metrics=fresh)
             except Exception as e:
                 if not _permanent(e):
                     raise

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,42 @@ def test_evaluator_runs_as_its_own_job(trained, slurm_env, tmp_path):
     assert report["complete"] and report["num_samples"] == 2
     status = launch(["status", str(out)], slurm_env)
     assert status.returncode == 0 and "report.json" in status.stdout
+
+
+def test_a_job_stopped_on_two_tasks_resumes_on_one_in_the_same_mlflow_run(codes_dir, mlflow_server, slurm_env,
+                                                                          tmp_path):
+    # A preempted 2-task job (requeue limit 0: it stops with a checkpoint) submitted again on 1 task: it runs
+    # the code snapshot of its submission, resumes elastically (4 clips per step: 2 x 2, then 1 x 2 x 2) and
+    # finishes in the same MLflow run, every clip of the epoch taken once and every step logged once.
+    run_dir = tmp_path / "run"
+    args = overrides(codes_dir, run_dir, **{"data.batch_size": 2, "train.steps": 40, "train.ckpt_every": 1000,
+                                            "mlflow.enabled": "true", "mlflow.tracking_uri": mlflow_server.uri,
+                                            "mlflow.experiment": "elastic"})
+    log = train_then_signal(run_dir, ["--nodes", "2", "--max-requeues", "0", "--time", "10", *args], slurm_env,
+                            after_steps=3)
+    stopped = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    assert 3 <= stopped < 40 and "not requeued" in log
+    code = json.loads((run_dir / "launch.json").read_text())["code"]
+    assert f"running the code in {code['path']}" in log and (Path(code["path"]) / "mebt" / "train" / "loop.py").is_file()
+    status = launch(["status", str(run_dir)], slurm_env)
+    assert f"code: {code['path']} (sha256 {code['sha256'][:12]}" in status.stdout
+
+    done = launch(["slurm", "train", "--nodes", "1", "--time", "10", *args], slurm_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = submitted_job(run_dir)
+    wait_until_done(job, slurm_env)
+    log = Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
+    assert "resuming a 2-process checkpoint on 1 process(es): 4 clips per step as 1 x 2 micro-batch(es) x 2" in log
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step40"
+    steps = defaultdict(list)
+    for rank in (0, 1):
+        for record in trace(run_dir, rank):
+            steps[record["step"]] += record["keys"]
+    assert sorted(steps) == list(range(1, 41)) and all(len(keys) == 4 for keys in steps.values())
+    clips = [key for keys in steps.values() for key in keys]
+    assert len(set(clips)) == len(clips) == 160   # 40 steps x 4 clips of an epoch of 300: each once
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("elastic").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(5, 41, 5))

@@ -183,7 +183,7 @@ def test_default_store_is_the_working_directorys_and_each_run_dir_records_it(tmp
         assert tracker.close()["sent"] == 1
         ids.append(tracker.run_id)
         record = json.loads((tmp_path / name / "mlflow.json").read_text())
-        assert record == {"tracking_uri": store, "experiment": "mebt"}
+        assert record == {"tracking_uri": store, "experiment": "mebt", "run_id": tracker.run_id}
         assert recorded_tracking_uri(tmp_path / name) == store
         assert not (tmp_path / name / "mlflow.db").exists()
     client = MlflowClient(store)
@@ -318,3 +318,33 @@ def test_every_mlflow_client_gives_up_on_a_dead_server_within_seconds(tmp_path):
     assert result["runs_error"].startswith(f"cannot read MLflow tracking store {uri}")
     assert result["tracker_error"] == "MlflowException"
     assert max(result["evaluate_s"], result["runs_s"], result["tracker_s"]) < 10, result
+
+
+def test_metrics_the_server_missed_are_sent_once_at_resume_and_by_runs_sync(mlflow_server, tmp_path, capsys):
+    from mebt.cli import main
+    from mebt.train.metrics_sync import history_points
+
+    cfg = MLflowConfig(tracking_uri=mlflow_server.uri, experiment=f"e-{tmp_path.name}", **FAST)
+    records = [{"step": s, "loss": 10.0 - s, "acc1": s / 10} for s in range(1, 9)]
+    first = Tracker(cfg, tmp_path, active=True)
+    for r in records[:3]:   # the server saw steps 1-3; 4-6 were still buffered when the run ended
+        first.log_metrics({"train/loss": r["loss"]}, step=r["step"])
+    assert first.close()["sent"] == 3
+    assert json.loads((tmp_path / "mlflow.json").read_text())["run_id"] == first.run_id   # known before a checkpoint
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:6]))
+
+    client = MlflowClient(mlflow_server.uri)
+    for sent in (9, 0):   # 3 losses and 6 accuracies; then nothing: points are known by (key, step)
+        assert main(["runs", "sync", str(tmp_path)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sent"] == sent
+        assert _history(client, first.run_id, "train/loss") == [(s, 10.0 - s) for s in range(1, 7)]
+    # A resumed run replays the record (steps 7, 8 are new to the server) and does not log again the steps it
+    # redoes that the server has (6, logged before a kill -9).
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    second = Tracker(cfg, tmp_path, active=True, run_id=first.run_id, replay=history_points(records))
+    second.log_metrics({"train/loss": 99.0}, step=6)
+    second.log_metrics({"train/loss": 1.0}, step=9)
+    assert second.flush(timeout=60)
+    second.close()
+    assert _history(client, first.run_id, "train/loss") == [(s, 10.0 - s) for s in range(1, 9)] + [(9, 1.0)]
+    assert [s for s, _ in _history(client, first.run_id, "train/acc1")] == list(range(1, 9))
