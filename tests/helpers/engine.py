@@ -60,11 +60,44 @@ def latest(run_dir: Path) -> str | None:
     return pointer.read_text() if pointer.exists() else None
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc): torchrun starts each worker in a session of its own,
+    so signalling torchrun's process group does not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def start_and_interrupt(nproc: int, args: list[str], run_dir: Path, how: int) -> subprocess.Popen:
-    """Start training, wait for its first checkpoint, then send ``how`` to the whole process group."""
+    """Start training, wait for its first checkpoint, then send ``how`` to every process of the run (the
+    launcher and each worker, by pid) and wait until none runs."""
     proc = subprocess.Popen(command(nproc, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     wait_for(lambda: latest(run_dir) is not None, lambda: output_of(proc), [proc])
-    os.killpg(proc.pid, how)
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 1 + (nproc if nproc > 1 else 0), tree   # torchrun and its workers
+    for pid in tree:
+        try:
+            os.kill(pid, how)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=120)
+    wait_for(lambda: not any(map(running, tree)), lambda: f"still running: {[p for p in tree if running(p)]}",
+             timeout=120)
     return proc
