@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,3 +102,30 @@ def start_and_interrupt(nproc: int, args: list[str], run_dir: Path, how: int) ->
     wait_for(lambda: not any(map(running, tree)), lambda: f"still running: {[p for p in tree if running(p)]}",
              timeout=120)
     return proc
+
+
+def communicate_while_progressing(proc: subprocess.Popen, stall_s: float = 300) -> tuple[str, str]:
+    """``proc.communicate()`` for a process started with stdout and stderr pipes, with no limit on the total
+    time: it fails only when the process prints nothing (no progress bar tick, no log line) for ``stall_s``
+    seconds, so a loaded machine is slow but passes and a hang still fails."""
+    chunks: dict[int, list[bytes]] = {1: [], 2: []}
+    last = [time.monotonic()]
+
+    def pump(stream, key):
+        while data := os.read(stream.fileno(), 65536):
+            chunks[key].append(data)
+            last[0] = time.monotonic()
+
+    streams = ((1, proc.stdout), (2, proc.stderr))
+    threads = [threading.Thread(target=pump, args=(s, k), daemon=True) for k, s in streams]
+    for t in threads:
+        t.start()
+    while proc.poll() is None:
+        if time.monotonic() - last[0] > stall_s:
+            proc.kill()
+            tail = b"".join(chunks[2])[-3000:].decode(errors="replace")
+            raise AssertionError(f"no output for {stall_s:.0f} s: {tail}")
+        time.sleep(0.5)
+    for t in threads:
+        t.join(30)
+    return tuple(b"".join(chunks[k]).decode(errors="replace") for k in (1, 2))
