@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -80,37 +81,95 @@ def latest_tag(run_dir: Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def saved_meta(run_dir: Path) -> dict | None:
-    """``mebt.json`` of the run dir's latest checkpoint (step, resolved config, process count, clips per step),
-    read before anything is built; None: no checkpoint."""
-    tag = latest_tag(run_dir)
+def _read_meta(tag_dir: Path) -> dict:
+    meta = json.loads((tag_dir / META).read_text())
+    for key in ("step", "config", "world_size"):
+        meta[key]
+    return meta
+
+
+def tag_problem(tag_dir: Path) -> str | None:
+    """Why a checkpoint tag cannot be resumed (missing, or a file missing or cut short), or None. Cheap: a
+    ``torch.save`` file is a zip archive, whose directory at the end is gone when the file is truncated."""
+    if not tag_dir.is_dir():
+        return "it does not exist"
+    try:
+        meta = _read_meta(tag_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"'{tag_dir / META}' is missing or unreadable ({first_line(e)})"
+    world, stage = meta["world_size"], meta.get("zero_stage", meta["config"].get("deepspeed", {}).get("zero_stage"))
+    if stage == 3:
+        files = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+    else:
+        files = ["mp_rank_00_model_states.pt"]
+    if stage:
+        optim = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
+        if len(optim) != world:
+            return f"it has {len(optim)} optimizer state files for {world} processes (some were never written)"
+        files += optim
+    for name in files:
+        try:
+            zipfile.ZipFile(tag_dir / name).close()
+        except FileNotFoundError:
+            return f"'{tag_dir / name}' is missing"
+        except (OSError, zipfile.BadZipFile):
+            return f"'{tag_dir / name}' is truncated or damaged"
+    return None
+
+
+def _step(tag: str) -> int:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def resume_tag(run_dir: Path, resume_from: str | None = None, fallback: bool = False) -> str | None:
+    """The tag a run resumes from: ``resume_from``, else the one ``latest`` names; None: a fresh run. A tag
+    that cannot be resumed is refused in one line that names the broken file and the previous complete tag
+    (``--resume-from global_stepN``), or with ``fallback`` that tag is taken, with a warning."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    tag = resume_from or latest_tag(run_dir)
+    if tag is None:
+        return None
+    problem = tag_problem(ckpt_dir / tag)
+    if problem is None:
+        return tag
+    earlier = [p.name for p in reversed(tag_dirs(ckpt_dir)) if _step(p.name) < _step(tag) or _step(tag) < 0]
+    previous = next((t for t in earlier if tag_problem(ckpt_dir / t) is None), None)
+    if fallback and previous:
+        log.warning(f"cannot resume from '{ckpt_dir / tag}': {problem}; resuming from {previous} (--resume-fallback)")
+        return previous
+    hint = (f"resume from the previous complete one with --resume-from {previous} (--resume-fallback does so "
+            "automatically)" if previous else "there is no earlier complete checkpoint: start a new train.run_dir")
+    raise CheckpointError(f"cannot resume from '{ckpt_dir / tag}': {problem}; {hint}")
+
+
+def saved_meta(run_dir: Path, tag: str | None = None) -> dict | None:
+    """``mebt.json`` of a checkpoint (default: the one ``latest`` names): step, resolved config, process count,
+    clips per step; read before anything is built; None: no checkpoint."""
+    tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
     path = Path(run_dir) / CKPT_DIR / tag / META
     try:
-        meta = json.loads(path.read_text())
-        for key in ("step", "config", "world_size"):
-            meta[key]
-        return meta
+        return _read_meta(path.parent)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"'{path}' is unreadable ({first_line(e)}); point '{Path(run_dir) / CKPT_DIR / LATEST}' "
                               "at an older tag or start a new train.run_dir") from None
 
 
-def load(engine, run_dir: Path, rank: int, world_size: int) -> dict | None:
-    """Restore the latest checkpoint into ``engine``; returns this rank's ``TrainState.state_dict()`` (None:
-    fresh run).
+def load(engine, run_dir: Path, tag: str | None, rank: int, world_size: int) -> dict | None:
+    """Restore checkpoint ``tag`` (``resume_tag``) into ``engine``; returns this rank's
+    ``TrainState.state_dict()`` (None: no tag, a fresh run).
 
     A checkpoint of another number of processes is resumed through DeepSpeed's universal checkpoint: rank 0
     converts it once (``checkpoints/universal/TAG``; ZeRO's partitioned fp32 weights and Adam moments
     become one file per parameter) and every rank loads its new partition from that (``train_state.for_rank``
     says what becomes of the per-rank parts).
     """
-    tag = latest_tag(run_dir)
     if tag is None:
         return None
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    saved_world = saved_meta(run_dir)["world_size"]
+    saved_world = saved_meta(run_dir, tag)["world_size"]
     if saved_world == world_size or engine.zero_optimization_stage() == 0:   # ZeRO-0 states are not partitioned
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
     else:

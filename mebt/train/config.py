@@ -8,6 +8,7 @@ a generated one (the typed key wins the argument by refusing the run, naming the
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -118,8 +119,13 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Resume despite a change to these keys (mebt.train.resume_config; each change is recorded in the run).
     allow_config_change: list[str] = field(default_factory=list)
+    resume_from: str | None = None       # a checkpoint tag (global_stepN) to resume from; default: latest
+    resume_fallback: bool = False        # latest broken (a file missing or cut short): resume the last complete one
 
     def __post_init__(self):
+        if self.resume_from is not None and not re.fullmatch(r"global_step\d+", self.resume_from):
+            raise ConfigError(f"--resume-from must name a checkpoint tag such as global_step500, got "
+                              f"{self.resume_from!r}")
         if self.data is None:
             raise ConfigError("config key 'data.data_dir' is not set; point it at a directory made by mebt "
                               "preprocess or mebt data synth-codes")

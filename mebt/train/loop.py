@@ -165,7 +165,8 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     ensure_logging(env.rank)   # launcher workers and SLURM tasks start here, not in the CLI
     device = pick_device(tc.device, env.local_rank)
     run_dir = Path(tc.run_dir)
-    saved = train_checkpoint.saved_meta(run_dir)
+    resume = train_checkpoint.resume_tag(run_dir, cfg.resume_from, cfg.resume_fallback)
+    saved = train_checkpoint.saved_meta(run_dir, resume)
     # On another number of processes than the checkpoint's, the clips per step stay the checkpoint's.
     layout = elastic_layout(cfg, saved, env.world_size)
     ds_config = deepspeed_config(layout, env.world_size, device.type)
@@ -204,7 +205,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     seed_everything(tc.seed + 1 + env.rank)   # dropout differs per rank
 
     # 3. Resume.
-    client = train_checkpoint.load(engine, run_dir, env.rank, env.world_size)
+    client = train_checkpoint.load(engine, run_dir, resume, env.rank, env.world_size)
     if client is not None:
         state.load_state_dict(client)
         # A checkpoint written before the MLflow run existed (a loaded machine) has none: the run dir's record does.

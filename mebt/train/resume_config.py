@@ -20,7 +20,8 @@ from mebt.errors import ConfigError
 
 CHANGES_FILE = "config_changes.jsonl"
 FREE_KEYS = ("train.steps", "train.run_dir", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_samples",
-             "train.keep_last", "train.trace", "train.tokenizer", "train.device", "allow_config_change")
+             "train.keep_last", "train.trace", "train.tokenizer", "train.device", "allow_config_change",
+             "resume_from", "resume_fallback")
 FREE_SECTIONS = ("mlflow.", "sampling.")
 FREE_DATA_IO = ("data.data_dir", "data.meta_dir", "data.num_workers", "data.prefetch_factor", "data.pin_memory",
                 "data.timeout_s", "data.retries", "data.retry_backoff_s", "data.max_shards_in_memory",

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -388,3 +389,37 @@ def test_ctrl_c_checkpoints_and_prints_one_line(codes_dir, tmp_path):
     # The launcher and both workers are gone (workers run `-m mebt.train --config RUN_DIR/launch_config.yaml`).
     left = subprocess.run(["pgrep", "-f", str(run_dir / "launch_config.yaml")], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout
+
+
+def test_a_broken_latest_checkpoint_names_the_file_and_the_previous_one_to_resume_from(uninterrupted, codes_dir,
+                                                                                       tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], run_dir)
+    ckpt = run_dir / "checkpoints"
+    args = overrides(codes_dir, run_dir, **{"deepspeed.zero_stage": 2, "train.steps": 62})
+    model_states = ckpt / "global_step60" / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:1000])   # a checkpoint cut short by a full disk or a kill
+    broken = [
+        (lambda: None, f"'{model_states}' is truncated or damaged"),
+        (lambda: (ckpt / "global_step60" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
+         "it has 1 optimizer state files for 2 processes (some were never written)"),
+        (lambda: (ckpt / "latest").write_text("global_step65"), "it does not exist"),
+    ]
+    for damage, problem in broken:
+        damage()
+        done = run(2, args)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("mebt: error")]
+        tag = (ckpt / "latest").read_text()
+        assert done.returncode != 0 and len(lines) >= 1 and set(lines) == {
+            f"mebt: error: cannot resume from '{ckpt / tag}': {problem}; resume from the previous complete one with "
+            "--resume-from global_step55 (--resume-fallback does so automatically)"}, done.stderr[-3000:]
+        assert not (ckpt / "global_step62").exists()
+    # Asked to, it resumes from the previous one and redoes the same steps (bit-equal losses).
+    done = run(2, [*args, "--resume-fallback"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from global_step55 (--resume-fallback)" in done.stderr
+    assert re.search(r"resumed at step 55\b", done.stderr)
+    for rank in (0, 1):
+        got, want = trace(run_dir, rank), trace(uninterrupted[2], rank)
+        assert [r["step"] for r in got] == list(range(1, 63))
+        assert [r["loss"] for r in got][:60] == [r["loss"] for r in want]

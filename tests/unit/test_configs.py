@@ -114,3 +114,13 @@ def test_an_elastic_resume_keeps_the_checkpoints_clips_per_step():
     with pytest.raises(ConfigError, match=r"trains 128 clips per step, which 24 processes cannot share evenly; resume "
                                           r"on a process count that divides 128 \(4, 8, 16, 32, 64, 128, \.\.\.\)"):
         elastic_layout(cfg, {**meta, "global_batch": 128}, 24)
+
+
+def test_resume_from_names_a_checkpoint_tag():
+    from mebt.errors import ConfigError
+
+    cfg = load_config(RunConfig, None, ["data.data_dir=codes", "resume_from=global_step55"])
+    assert cfg.resume_from == "global_step55"
+    with pytest.raises(ConfigError, match="--resume-from must name a checkpoint tag such as global_step500, got "
+                                          "'step5'"):
+        load_config(RunConfig, None, ["data.data_dir=codes", "resume_from=step5"])
