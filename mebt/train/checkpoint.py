@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import pickle
 import re
 import shutil
 import zipfile
@@ -39,6 +40,51 @@ _TAG = re.compile(r"global_step(\d+)$")
 
 def tag_of(step: int) -> str:
     return f"global_step{step}"
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside the block every ``torch.load`` reads weights only: DeepSpeed's ``load_checkpoint``,
+    ``zero_to_fp32`` and ``ds_to_universal`` call ``torch.load(weights_only=False)`` on the files of a
+    checkpoint, which would run any code a crafted file names. Admitted besides tensors and plain
+    containers: the DeepSpeed classes its checkpoint files hold (measured on ZeRO 0-3, fp32 and bf16,
+    deepspeed 0.19: a loss scaler, the ZeRO stage enum and a fragment address)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def refused(e: pickle.UnpicklingError) -> str:
+    """What to say of a checkpoint file ``weights_only_loads`` refused."""
+    name = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return (f"holds a file that is not a plain DeepSpeed checkpoint (it names {name.group(1) if name else 'an object'}"
+            " that a checkpoint never holds); refused without running it: load only checkpoints from a known source")
+
+
+def vet(tag_dir: Path) -> None:
+    """Read the pickles of every file of a tag weights-only (tensor data memory-mapped, not read): a refused
+    file stops every rank here, each with the same line, rather than one rank inside a collective of
+    DeepSpeed's loading while the others wait for it."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            with weights_only_loads():
+                torch.load(path, map_location="cpu", mmap=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint '{tag_dir}' {refused(e)}") from None
 
 
 def save(engine, state, run_dir: Path, cfg, keep_last: int) -> Path:
@@ -170,22 +216,28 @@ def load(engine, run_dir: Path, tag: str | None, rank: int, world_size: int) -> 
         return None
     ckpt_dir = Path(run_dir) / CKPT_DIR
     saved_world = saved_meta(run_dir, tag)["world_size"]
-    if saved_world == world_size or engine.zero_optimization_stage() == 0:   # ZeRO-0 states are not partitioned
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
-    else:
-        from deepspeed.utils import logger as deepspeed_logger
+    vet(ckpt_dir / tag)   # every rank, every file: a refusal is the same on all ranks, before any collective
+    try:
+        if saved_world == world_size or engine.zero_optimization_stage() == 0:   # ZeRO-0: nothing partitioned
+            with weights_only_loads():
+                path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+        else:
+            from deepspeed.utils import logger as deepspeed_logger
 
-        universal = _universal(ckpt_dir, tag, rank)
-        engine._config.load_universal_checkpoint = True   # read by load_checkpoint only
-        level = deepspeed_logger.level
-        deepspeed_logger.setLevel(logging.ERROR)   # "MPU is not provided, setting tp size to 1": no TP here
-        try:
-            path, client = engine.load_checkpoint(str(universal.parent), tag=tag, load_module_strict=True)
-        finally:
-            engine._config.load_universal_checkpoint = False
-            deepspeed_logger.setLevel(level)
-        if path is not None:
-            _restore_group_settings(engine, universal)
+            universal = _universal(ckpt_dir, tag, rank)
+            engine._config.load_universal_checkpoint = True   # read by load_checkpoint only
+            level = deepspeed_logger.level
+            deepspeed_logger.setLevel(logging.ERROR)   # "MPU is not provided, setting tp size to 1": no TP here
+            try:
+                with weights_only_loads():
+                    path, client = engine.load_checkpoint(str(universal.parent), tag=tag, load_module_strict=True)
+            finally:
+                engine._config.load_universal_checkpoint = False
+                deepspeed_logger.setLevel(level)
+            if path is not None:
+                _restore_group_settings(engine, universal)
+    except pickle.UnpicklingError as e:   # weights_only_loads refused a global: nothing of it ran
+        raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' {refused(e)}") from None
     if path is None:
         raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' could not be loaded (incomplete or from another "
                               "model); delete it or point 'latest' at an older tag")
@@ -208,8 +260,10 @@ def _universal(ckpt_dir: Path, tag: str, rank: int) -> Path:
                                   inject_missing_state=True)   # ZeRO checkpoints lack its universal_checkpoint_info
         printed = io.StringIO()
         try:
-            with contextlib.redirect_stdout(printed):   # its progress prints would mix with a command's output
+            with contextlib.redirect_stdout(printed), weights_only_loads():   # prints would mix with a command's output
                 ds_to_universal.main(args)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' {refused(e)}") from None
         except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as e:
             raise CheckpointError(f"cannot convert '{ckpt_dir / tag}' for another number of processes: "
                                   f"{first_line(e)}") from None
@@ -252,8 +306,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
 def consolidated_model(checkpoint: str | Path):
     """(fp32 MeBT, checkpoint meta, tag dir) from a run dir, its checkpoints dir or a tag dir; ZeRO 0-3.
 
-    DeepSpeed's checkpoint files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed's own
-    consolidation): only load checkpoints you wrote or trust.
+    DeepSpeed's checkpoint files are pickles; they are read weights-only (``weights_only_loads``), so a crafted
+    file is refused instead of running code.
     """
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt_dir / tag / META).read_text())
@@ -264,12 +318,14 @@ def consolidated_model(checkpoint: str | Path):
     try:
         if any((ckpt_dir / tag).glob("*optim_states.pt")):   # ZeRO 1-3: fp32 master weights, partitioned
             printed = io.StringIO()
-            with contextlib.redirect_stdout(printed):   # its progress prints would mix with a command's JSON
+            with contextlib.redirect_stdout(printed), weights_only_loads():   # prints would mix with a command's JSON
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
             log.debug(printed.getvalue().strip())
         else:   # ZeRO 0 keeps whole module weights (in the training precision) in the model states file
-            state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                               weights_only=False)["module"]
+            with weights_only_loads():
+                state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint '{ckpt_dir / tag}' {refused(e)}") from None
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"cannot consolidate '{ckpt_dir / tag}': {first_line(e)}") from None
     prefix = "model."
@@ -280,7 +336,7 @@ def consolidated_model(checkpoint: str | Path):
 def export(checkpoint: str | Path, out: str | Path) -> dict:
     """Consolidate a ZeRO 0-3 checkpoint into one fp32 mebt model file (loads with ``load_model``).
 
-    The output is weights-only loadable; reading the checkpoint unpickles DeepSpeed's files (see
+    The output is weights-only loadable; the checkpoint's files are read weights-only too (see
     ``consolidated_model``).
     """
     model, meta, tag_dir = consolidated_model(checkpoint)

@@ -423,3 +423,39 @@ def test_a_broken_latest_checkpoint_names_the_file_and_the_previous_one_to_resum
         got, want = trace(run_dir, rank), trace(uninterrupted[2], rank)
         assert [r["step"] for r in got] == list(range(1, 63))
         assert [r["loss"] for r in got][:60] == [r["loss"] for r in want]
+
+
+class _Shell:
+    """Unpickling this runs a shell command (what a crafted checkpoint file would do)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_crafted_checkpoint_file_is_refused_without_running_it(uninterrupted, codes_dir, tmp_path, stage):
+    # DeepSpeed's own loaders would unpickle it (torch.load(weights_only=False)): resume, export and the
+    # universal conversion of another process count all read weights only.
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[stage], run_dir)
+    marker = tmp_path / "ran"
+    tag = run_dir / "checkpoints" / "global_step60"
+    name = "mp_rank_00_model_states.pt" if stage == 2 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    states = torch.load(tag / name, map_location="cpu", weights_only=False)   # our own file, from the fixture
+    torch.save({**states, "note": _Shell(f"touch '{marker}'")}, tag / name)
+    refusal = (f"checkpoint '{tag}' holds a file that is not a plain DeepSpeed checkpoint (it names posix.system "
+               "that a checkpoint never holds); refused without running it")
+    args = overrides(codes_dir, run_dir, **{"deepspeed.zero_stage": stage, "train.steps": 61})
+    for nproc in (2, 1):   # the same process count, and another one (through the universal conversion)
+        done = run(nproc, args)
+        assert done.returncode != 0 and f"mebt: error: {refusal}" in done.stderr, done.stderr[-3000:]
+        # No traceback from the workers (torchrun prints one of its own for any failed worker).
+        frames = [line for line in done.stderr.splitlines() if 'File "' in line and "mebt" in line]
+        assert not frames, done.stderr[-4000:]
+    export = subprocess.run([sys.executable, "-m", "mebt.cli", "export", str(run_dir), str(tmp_path / "m.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 2 and export.stderr.strip().splitlines()[-1].startswith(f"mebt: error: {refusal}")
+    assert not marker.exists() and not (tmp_path / "m.pt").exists()
