@@ -11,6 +11,25 @@ class ConfigError(UserError):
     """A bad configuration value; the message is one line naming the key and the fix."""
 
 
+class WriteError(UserError, OSError):
+    """A file could not be written (a full disk, a read-only folder, a file where a folder should be): one
+    line naming the path and the errno. Still an ``OSError``, so code that tolerates failed writes still does."""
+
+    @classmethod
+    def of(cls, path, e: OSError, blocker=None) -> "WriteError":
+        import errno as errnos
+
+        code = errnos.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+        what = f"'{blocker}' is a file, not a folder" if blocker is not None else (e.strerror or str(e))
+        err = cls(f"cannot write '{path}': {what} ({code}); any previous file there is unchanged; free space, "
+                  "fix the permissions or choose another path")
+        err.errno, err.strerror, err.filename = e.errno, e.strerror, str(path)
+        return err
+
+    def __str__(self) -> str:   # the one line, not OSError's "[Errno N] ..." rendering
+        return self.args[0]
+
+
 class Interrupted(Exception):
     """A job stopped by Ctrl-C (or a stop signal) keeping what it finished; the message is the one line to
     print (empty when a worker printed it already), ``code`` the exit status (130: 128 + SIGINT)."""

@@ -17,6 +17,8 @@ import random
 from pathlib import Path
 from typing import Iterator
 
+from mebt.errors import WriteError
+
 
 def temporary_name(path: str | Path) -> Path:
     """A hidden name beside ``path``, unique per process, with the same suffix."""
@@ -34,15 +36,28 @@ def leftovers(path: str | Path) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success rename it onto ``path`` (parent folders are created)."""
+    """Yield a temporary path to write; on success rename it onto ``path`` (parent folders are created). A
+    failed write (full disk, read-only folder, a file in the way) raises ``WriteError``: one line with the
+    path and the errno; the previous file is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in path.parents if p.is_file()), None)
+        raise WriteError.of(path, e, blocker) from None
+    except OSError as e:
+        raise WriteError.of(path, e) from None
     tmp = temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError.of(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # on a read-only file system there is nothing to remove
+            tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -24,6 +25,7 @@ import torch
 from mebt.config import from_dict, to_dict
 from mebt.core.model import MeBTConfig
 from mebt.core.model_file import CheckpointError, first_line, model_from_state_dict, save_model
+from mebt.errors import WriteError
 from mebt.fsutil import write_bytes
 from mebt.train.distributed import all_gather_object, barrier, quiet_deepspeed
 from mebt.train.tracking import recorded_tracking_uri
@@ -87,14 +89,48 @@ def vet(tag_dir: Path) -> None:
             raise CheckpointError(f"checkpoint '{tag_dir}' {refused(e)}") from None
 
 
+def _cannot_write(ckpt_dir: Path, engine) -> str | None:
+    """Why this process cannot write a checkpoint into ``ckpt_dir`` (None: it can): a folder it cannot create
+    or write (a read-only file system), or less free space than the last checkpoint took (before the first:
+    16 bytes per parameter, fp32 weights, master copy and Adam's two moments)."""
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return str(WriteError.of(ckpt_dir, e)).split(";")[0]
+    if not os.access(ckpt_dir, os.W_OK):
+        return f"'{ckpt_dir}' is not writable (a read-only file system or its permissions; EROFS/EACCES)"
+    done = [t for t in tag_dirs(ckpt_dir) if (t / META).is_file()]
+    if done:
+        need = sum(f.stat().st_size for f in done[-1].iterdir() if f.is_file())
+    else:
+        need = 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < need:
+        return (f"{free / 2 ** 20:.1f} MiB free on the file system of '{ckpt_dir}' and a checkpoint takes about "
+                f"{need / 2 ** 20:.1f} MiB (ENOSPC)")
+    return None
+
+
 def save(engine, state, run_dir: Path, cfg, keep_last: int) -> Path:
     """Checkpoint ``engine`` and every rank's ``TrainState`` at ``state.step``; ``latest`` moves to it only once
     every rank has finished writing. ``cfg`` is the run's config as given (an elastic resume's adapted batch
     layout is recorded as ``global_batch``)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    gathered = all_gather_object(state.state_dict())
     tag = tag_of(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=merge(gathered), save_latest=False)
+    # Every rank says whether it can write before any does: a rank failing inside DeepSpeed's saving would
+    # leave the others waiting in its collectives.
+    gathered = all_gather_object((state.state_dict(), _cannot_write(ckpt_dir, engine)))
+    problem = next((p for _, p in gathered if p), None)
+    if problem:
+        last = latest_tag(run_dir)
+        raise CheckpointError(f"cannot write checkpoint {tag}: {problem}; the last checkpoint "
+                              f"({last or 'none'}) and 'latest' are unchanged; free space or move train.run_dir, "
+                              "then run the same command to resume")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=merge([g for g, _ in gathered]),
+                               save_latest=False)
+    except OSError as e:   # the disk filled up while writing: 'latest' still names the last complete one
+        raise WriteError.of(ckpt_dir / tag, e) from None
     barrier()
     if engine.global_rank == 0:
         meta = {"step": state.step, "config": to_dict(cfg), "world_size": len(gathered),

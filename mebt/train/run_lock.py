@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from mebt.errors import UserError
+from mebt.errors import UserError, WriteError
 from mebt.train.distributed import all_gather_object
 
 LOCK_FILE = ".lock"
@@ -33,9 +33,12 @@ class RunDirLock:
             raise UserError(refusals[0])
 
     def _take(self, run_dir: Path) -> str | None:
-        run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
-        self.file = open(path, "a+")
+        try:   # the first write into the run dir: a read-only or full file system is found here
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a+")
+        except OSError as e:
+            return str(WriteError.of(path, e)).replace("any previous file there is unchanged; ", "")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -459,3 +459,39 @@ def test_a_crafted_checkpoint_file_is_refused_without_running_it(uninterrupted, 
                             capture_output=True, text=True, timeout=300)
     assert export.returncode == 2 and export.stderr.strip().splitlines()[-1].startswith(f"mebt: error: {refusal}")
     assert not marker.exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_last_one(codes_dir, tmp_path):
+    # A real 800 KiB file system (tmpfs; the tests run as root): the checkpoint of step 5 (~470 KiB) fits,
+    # the next one does not. Every rank learns it before any writes, so none waits for another.
+    run_dir = tmp_path / "small"
+    run_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(run_dir)], check=True)
+    try:
+        done = run(2, overrides(codes_dir, run_dir, **{"deepspeed.zero_stage": 2, "train.steps": 20}))
+        lines = {line for line in done.stderr.splitlines() if line.startswith("mebt: error")}
+        assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
+        assert re.fullmatch(rf"mebt: error: cannot write checkpoint global_step10: [\d.]+ MiB free on the file system "
+                            rf"of '{run_dir / 'checkpoints'}' and a checkpoint takes about [\d.]+ MiB \(ENOSPC\); the "
+                            r"last checkpoint \(global_step5\) and 'latest' are unchanged; free space or move "
+                            r"train.run_dir, then run the same command to resume", lines.pop())
+        assert latest(run_dir) == "global_step5" and not (run_dir / "checkpoints" / "global_step10").exists()
+        assert not [line for line in done.stderr.splitlines() if 'File "' in line and "mebt" in line]
+    finally:
+        subprocess.run(["umount", "-l", str(run_dir)], check=True)
+
+
+def test_a_read_only_run_dir_is_one_line_naming_the_path(codes_dir, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        (mount / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        done = run(2, overrides(codes_dir, mount / "run"))
+        lines = {line for line in done.stderr.splitlines() if line.startswith("mebt: error")}
+        assert done.returncode != 0 and lines == {
+            f"mebt: error: cannot write '{mount / 'run' / '.lock'}': Read-only file system (EROFS); free space, fix "
+            "the permissions or choose another path"}, done.stderr[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
