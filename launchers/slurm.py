@@ -13,7 +13,8 @@ honoured at the first one); then rank 0 requeues the job with ``scontrol requeue
 times counted by SLURM's own SLURM_RESTART_COUNT, and every task exits with code 75 and no result, so
 submitit sees a requeued job, not a finished one. submitit's own requeue (``checkpoint()``,
 ``max_num_timeout``) is not used. The requeued job resumes from the checkpoint into the same run directory
-and MLflow run, on however many tasks it gets (elastic resume).
+and MLflow run, with ``tasks_per_node`` tasks on each node it gets this time (an operator may requeue it
+onto fewer: ``scontrol update JobId=J NumNodes=1-1 NumTasks=1`` while it waits; elastic resume).
 
 Preprocessing: a job array, one task per slice (``--task-index/--num-tasks`` of `mebt preprocess`); the
 task that finishes the last shard merges the manifest, and a rerun only redoes missing shards.
@@ -124,8 +125,13 @@ def executor(cfg: SlurmConfig, folder: Path, local: bool, array: int | None = No
     extra = {"requeue": True}   # scontrol requeue needs a requeueable job
     if cfg.account:
         extra["account"] = cfg.account
+    # One task per GPU (or tasks_per_node) on each node this start of the job got: a job requeued onto fewer
+    # nodes (scontrol update JobId=J NumNodes=N) runs N x tasks_per_node tasks and resumes elastically.
+    tasks = f"$(( SLURM_JOB_NUM_NODES * {cfg.tasks_per_node} ))"
+    setup = [f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}"]
     params = dict(job_name=cfg.job_name, time=cfg.time_min, nodes=cfg.nodes, ntasks_per_node=cfg.tasks_per_node,
-                  signal_delay_s=cfg.signal_delay_s, additional_parameters=extra, stderr_to_stdout=False)
+                  signal_delay_s=cfg.signal_delay_s, additional_parameters=extra, stderr_to_stdout=False,
+                  setup=setup)
     if cfg.gpus_per_node:
         params["gpus_per_node"] = cfg.gpus_per_node
     for key in ("partition", "qos", "constraint", "mem", "cpus_per_task"):

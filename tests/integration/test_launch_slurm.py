@@ -190,30 +190,33 @@ def test_evaluator_runs_as_its_own_job(trained, slurm_env, tmp_path):
     assert status.returncode == 0 and "report.json" in status.stdout
 
 
-def test_a_job_stopped_on_two_tasks_resumes_on_one_in_the_same_mlflow_run(codes_dir, mlflow_server, slurm_env,
-                                                                          tmp_path):
-    # A preempted 2-task job (requeue limit 0: it stops with a checkpoint) submitted again on 1 task: it runs
-    # the code snapshot of its submission, resumes elastically (4 clips per step: 2 x 2, then 1 x 2 x 2) and
-    # finishes in the same MLflow run, every clip of the epoch taken once and every step logged once.
+def test_a_job_requeued_onto_fewer_tasks_resumes_on_them_in_the_same_mlflow_run(codes_dir, mlflow_server, slurm_env,
+                                                                                tmp_path):
+    # A 2-node x 1-task job is signalled, checkpoints and requeues itself; while it waits, the operator gives it
+    # one node (scontrol update). The requeued job runs 1 task from the code snapshot of its submission,
+    # resumes elastically (4 clips per step: 2 x 2, then 1 x 2 x 2) and finishes in the same MLflow run, every
+    # clip of the epoch taken once and every step logged once.
     run_dir = tmp_path / "run"
     args = overrides(codes_dir, run_dir, **{"data.batch_size": 2, "train.steps": 40, "train.ckpt_every": 1000,
                                             "mlflow.enabled": "true", "mlflow.tracking_uri": mlflow_server.uri,
                                             "mlflow.experiment": "elastic"})
-    log = train_then_signal(run_dir, ["--nodes", "2", "--max-requeues", "0", "--time", "10", *args], slurm_env,
-                            after_steps=3)
-    stopped = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("global_step"))
-    assert 3 <= stopped < 40 and "not requeued" in log
-    code = json.loads((run_dir / "launch.json").read_text())["code"]
-    assert f"running the code in {code['path']}" in log and (Path(code["path"]) / "mebt" / "train" / "loop.py").is_file()
-    status = launch(["status", str(run_dir)], slurm_env)
-    assert f"code: {code['path']} (sha256 {code['sha256'][:12]}" in status.stdout
-
-    done = launch(["slurm", "train", "--nodes", "1", "--time", "10", *args], slurm_env)
+    done = launch(["slurm", "train", "--nodes", "2", "--tasks-per-node", "1", "--time", "10", *args], slurm_env)
     assert done.returncode == 0, done.stderr[-3000:]
     job = submitted_job(run_dir)
+    wait_for(lambda: steps_traced(run_dir) >= 3, lambda: launch(["status", str(run_dir)], slurm_env).stdout,
+             timeout=300)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm_env)
+    wait_for(lambda: job_state(job, slurm_env) == "PENDING", lambda: job_state(job, slurm_env), timeout=120)
+    for command in (["hold", job], ["update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1"], ["release", job]):
+        subprocess.run(["scontrol", *command], check=True, env=slurm_env)
     wait_until_done(job, slurm_env)
+    code = json.loads((run_dir / "launch.json").read_text())["code"]
     log = Path(json.loads((run_dir / "launch.json").read_text())["stderr"]).read_text()
+    assert f"running the code in {code['path']} (restart 1 of at most 10)" in log
     assert "resuming a 2-process checkpoint on 1 process(es): 4 clips per step as 1 x 2 micro-batch(es) x 2" in log
+    assert (Path(code["path"]) / "mebt" / "train" / "loop.py").is_file()
+    status = launch(["status", str(run_dir)], slurm_env)
+    assert f"code: {code['path']} (sha256 {code['sha256'][:12]}" in status.stdout
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step40"
     steps = defaultdict(list)
     for rank in (0, 1):
