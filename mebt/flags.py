@@ -214,9 +214,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     unknown = [a for a in extra if a.startswith("-") and a != "--"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
-        args.args = [*getattr(args, "args", []), *extra]
+    # A list flag (nargs "+") takes every word after it: KEY=VALUE overrides it swallowed are overrides.
+    swallowed = []
+    for dest, value in vars(args).items():
+        if dest.startswith("flag:") and isinstance(value, list):
+            swallowed += [v for v in value if _is_override(v)]
+            setattr(args, dest, [v for v in value if not _is_override(v)])
+    if extra or swallowed:
+        args.args = [*getattr(args, "args", []), *swallowed, *extra]
     return args
+
+
+def _is_override(word) -> bool:
+    return isinstance(word, str) and "=" in word and re.fullmatch(r"[A-Za-z_][\w.]*", word.split("=", 1)[0]) is not None
 
 
 def build_config(args: argparse.Namespace):

@@ -19,13 +19,17 @@ from mebt.config import flatten
 from mebt.errors import ConfigError
 
 CHANGES_FILE = "config_changes.jsonl"
-FREE_KEYS = ("train.steps", "train.run_dir", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_samples",
-             "train.keep_last", "train.trace", "train.tokenizer", "train.device", "allow_config_change",
-             "resume_from", "resume_fallback")
+FREE_KEYS = ("train.steps", "train.run_dir", "train.log_every", "train.ckpt_every", "train.sample_every",
+             "train.num_samples", "train.keep_last", "train.trace", "train.tokenizer", "train.device",
+             "allow_config_change", "resume_from", "resume_fallback")
 FREE_SECTIONS = ("mlflow.", "sampling.")
 FREE_DATA_IO = ("data.data_dir", "data.meta_dir", "data.num_workers", "data.prefetch_factor", "data.pin_memory",
                 "data.timeout_s", "data.retries", "data.retry_backoff_s", "data.max_shards_in_memory",
                 "data.cache_dir", "data.verify", "data.on_corrupt")
+
+
+# Keys no --allow-config-change can change, and why.
+FIXED = {"deepspeed.zero_stage": "DeepSpeed 0.19 loads a checkpoint only into an engine of its own ZeRO stage"}
 
 
 def is_free(key: str) -> bool:
@@ -45,6 +49,11 @@ def check_resume(saved: dict, current: dict, allowed: list[str], run_dir: str | 
     unknown = sorted(set(allowed) - set(flatten(current)))
     if unknown:
         raise ConfigError(f"--allow-config-change names unknown config keys: {', '.join(unknown)}")
+    for c in changes:
+        if c["key"] in FIXED:
+            raise ConfigError(f"resuming '{run_dir}' at step {step}: {c['key']} cannot change (saved {c['saved']}, now "
+                              f"{c['now']}): {FIXED[c['key']]}; resume with {c['key']}={c['saved']} or start a new "
+                              "train.run_dir")
     refused = [c for c in changes if not is_free(c["key"]) and c["key"] not in allowed]
     if refused:
         shown = ", ".join(f"{c['key']} (saved {c['saved']}, now {c['now']})" for c in refused)

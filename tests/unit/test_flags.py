@@ -62,6 +62,9 @@ def test_flags_overrides_yaml_and_positionals_in_order(tmp_path):
     assert (cfg.name, cfg.count, cfg.inner.depth, cfg.optim.lr) == ("from-yaml", 5, 4, 0.5)   # flags come last
     assert parse(["--config", str(yaml), "count=2"]).count == 2                              # overrides over YAML
     assert parse(["--no-fast"]).fast is False and parse(["--sizes", "1", "--sizes", "2", "3"]).sizes == [1, 2, 3]
+    # overrides after a list flag are overrides, not more of its values (--allow-config-change KEY k=v ...)
+    cfg = parse(["src", "--sizes", "4", "width=2", "optim.lr=0.01"])
+    assert (cfg.sizes, cfg.inner.width, cfg.optim.lr, cfg.source) == ([4], 2.0, 0.01, "src")
     # a text field takes its flag as written (YAML would read 1:30:00 as 5400 and 007 as 7)
     assert parse(["--name", "1:30:00"]).name == "1:30:00" and parse(["--name", "007"]).name == "007"
 

@@ -57,3 +57,12 @@ def test_changes_are_appended_and_summarised(tmp_path):
                                     "step 20: optim.lr 0.002 -> 0.001 (allowed)"]
     records = [json.loads(line) for line in (tmp_path / CHANGES_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20] and records[1]["changes"][0]["how"] == "allowed"
+
+
+def test_the_zero_stage_cannot_change_even_when_allowed(tmp_path):
+    saved = {"deepspeed": {"zero_stage": 2}, "train": {"steps": 10}}
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage cannot change \(saved 2, now 3\): DeepSpeed 0.19 "
+                                          r"loads a checkpoint only into an engine of its own ZeRO stage; resume with "
+                                          r"deepspeed.zero_stage=2 or start a new train.run_dir"):
+        check_resume(saved, {"deepspeed": {"zero_stage": 3}, "train": {"steps": 10}}, ["deepspeed.zero_stage"],
+                     tmp_path, 6)
