@@ -239,9 +239,9 @@ def saved_meta(run_dir: Path, tag: str | None = None) -> dict | None:
                               "at an older tag or start a new train.run_dir") from None
 
 
-def load(engine, run_dir: Path, tag: str | None, rank: int, world_size: int) -> dict | None:
-    """Restore checkpoint ``tag`` (``resume_tag``) into ``engine``; returns this rank's
-    ``TrainState.state_dict()`` (None: no tag, a fresh run).
+def load(engine, run_dir: Path, tag: str | None, meta: dict | None, rank: int, world_size: int) -> dict | None:
+    """Restore checkpoint ``tag`` (``resume_tag``; ``meta``: its ``saved_meta``) into ``engine``; returns this
+    rank's ``TrainState.state_dict()`` (None: no tag, a fresh run).
 
     A checkpoint of another number of processes is resumed through DeepSpeed's universal checkpoint: rank 0
     converts it once (``checkpoints/universal/TAG``; ZeRO's partitioned fp32 weights and Adam moments
@@ -251,7 +251,7 @@ def load(engine, run_dir: Path, tag: str | None, rank: int, world_size: int) -> 
     if tag is None:
         return None
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    saved_world = saved_meta(run_dir, tag)["world_size"]
+    saved_world = meta["world_size"]
     vet(ckpt_dir / tag)   # every rank, every file: a refusal is the same on all ranks, before any collective
     try:
         if saved_world == world_size or engine.zero_optimization_stage() == 0:   # ZeRO-0: nothing partitioned

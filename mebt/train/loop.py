@@ -48,7 +48,7 @@ from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config, elastic_layout
 from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
-from mebt.train.metrics_sync import HISTORY, PREFIX, history_points, read_history
+from mebt.train.metrics_sync import HISTORY, PREFIX, history_points
 from mebt.train.optim import lr_scheduler
 from mebt.train.resume_config import CHANGES_FILE, check_resume, record_changes
 from mebt.train.run_lock import RunDirLock
@@ -120,12 +120,13 @@ class _Records:
 
     def __init__(self, path: Path, step: int, enabled: bool):
         self.path = path if enabled else None
+        self.kept: list[dict] = []   # the records up to ``step``, as read
         if self.path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-                if json.loads(line)["step"] <= step]
-        write_text(path, "".join(line + "\n" for line in kept))
+        self.kept = [r for r in map(json.loads, path.read_text().splitlines() if path.exists() else [])
+                     if r["step"] <= step]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in self.kept))
 
     def write(self, record: dict) -> None:
         self.write_all([record])
@@ -205,7 +206,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     seed_everything(tc.seed + 1 + env.rank)   # dropout differs per rank
 
     # 3. Resume.
-    client = train_checkpoint.load(engine, run_dir, resume, env.rank, env.world_size)
+    client = train_checkpoint.load(engine, run_dir, resume, saved, env.rank, env.world_size)
     if client is not None:
         state.load_state_dict(client)
         # A checkpoint written before the MLflow run existed (a loaded machine) has none: the run dir's record does.
@@ -227,7 +228,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     # The metrics logged before this start go along: what MLflow missed is sent, what it has is not resent.
     tracker = Tracker(cfg.mlflow, run_dir, active=main, run_id=state.mlflow_run_id, start_ms=started_ms,
                       params=flatten(to_dict(cfg)), tags=tags,
-                      replay=history_points(read_history(run_dir)) if main and client else None)
+                      replay=history_points(history.kept) if client else None)
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
         tracker.log_artifact(run_dir / name)
     log.info(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
@@ -242,7 +243,6 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     votes = StopVote()
     stream = _stream(loader)
     bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", disable=not main)
-    window = state.window
     preempted = None
     final_loss = None   # the last logged train/loss
     # The first step whose loss was not finite (0: none), kept on the device and read where the loop reads
@@ -272,7 +272,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
         for _ in range(accum):
             t = time.perf_counter()
             batch = next(stream)
-            window.wait += time.perf_counter() - t
+            state.window.wait += time.perf_counter() - t
             codes = batch["codes"].to(device, non_blocking=True)
             # Each sample's masked positions from its slot in the epoch: the same whichever rank takes it.
             masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step,
@@ -283,19 +283,19 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
             engine.step()
             loss = loss.detach().double()
             step_loss += loss
-            window.acc1 += metrics["acc1"] / accum
+            state.window.acc1 += metrics["acc1"] / accum
             n_ctx, n_tgt = masks.ctx_idx.shape[1], masks.tgt_idx.shape[1]
-            window.flops += mebt_train_flops(cfg.model, n_ctx, n_tgt) * len(codes)
-            window.tokens += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
+            state.window.flops += mebt_train_flops(cfg.model, n_ctx, n_tgt) * len(codes)
+            state.window.tokens += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
             trace.add(state.step + 1, loss, metrics["acc1"], batch["key"])
         state.step += 1
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(step_loss), state.step, bad_step)
-        window.add_step(step_loss / accum)
+        state.window.add_step(step_loss / accum)
         bar.update(1)
 
         if state.step % tc.log_every == 0 or state.step == tc.steps:
-            record = _log_record(window, state.step, engine, env.world_size, ds_config["train_batch_size"], device,
-                                 peak)
+            record = _log_record(state.window, state.step, engine, env.world_size, ds_config["train_batch_size"],
+                                 device, peak)
             trace.flush()
             history.write(record)
             final_loss = record["loss"]
@@ -306,7 +306,6 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
                      f"{record['step_time_s']:.3f} s/step (data wait {record['data_wait_s'] * 1000:.1f} ms)"
                      + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
             state.new_window()
-            window = state.window
             stop_if_not_finite()
 
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
@@ -365,7 +364,7 @@ def _log_record(window: LogWindow, step: int, engine, world_size: int, clips_per
     if world_size > 1:
         dist.all_reduce(sums)
     loss, acc1, flops, tokens = sums.tolist()
-    n, timed = window.steps, max(window.timed, 1)   # timed: this process's steps (after a restart, fewer)
+    n, timed = window.steps, window.timed   # timed: this process's steps (after a restart, fewer)
     record = {"step": step, "loss": loss / n / world_size, "acc1": acc1 / n / world_size,
               "lr": float(engine.get_lr()[0]), "samples_per_s": timed * clips_per_step / seconds,
               "tokens_per_s": tokens / seconds, "step_time_s": seconds / timed, "data_wait_s": window.wait / timed,
