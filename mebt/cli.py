@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from mebt.errors import Interrupted, UserError
+from mebt.errors import Interrupted, UserError, say
 from mebt.flags import Command, add_command, build_config, format_config, parse_args
 from mebt.logs import default_level, setup_logging
 
@@ -405,15 +405,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return args._command.run(cfg) or 0
     except UserError as e:
-        print(f"mebt: error: {e}", file=sys.stderr)
+        say(f"mebt: error: {e}")
+        _leave_process_group()
         return 2
     except Interrupted as e:
         if str(e):
-            print(e, file=sys.stderr)
+            say(str(e))
+        _leave_process_group()
         return e.code
     except KeyboardInterrupt:   # every long job keeps what it finished (shards, batches, features, stages)
-        print("mebt: interrupted; finished work is kept: run the same command to resume", file=sys.stderr)
+        say("mebt: interrupted; finished work is kept: run the same command to resume")
+        _leave_process_group()
         return 130   # 128 + SIGINT, as a shell reports it
+
+
+def _leave_process_group() -> None:
+    if "deepspeed" in sys.modules:   # only a training process has a process group to tear down
+        from mebt.train.distributed import close_process_group
+
+        close_process_group()
 
 
 def console_main() -> None:

@@ -2,6 +2,8 @@
 and exits with status 2, never a traceback."""
 from __future__ import annotations
 
+import sys
+
 
 class UserError(ValueError):
     """Bad input from the user (config, file, checkpoint); the CLI prints the one-line message and exits 2."""
@@ -42,3 +44,10 @@ class Interrupted(Exception):
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (torch.load and PyAV errors span many lines)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def say(line: str) -> None:
+    """Print one line to stderr in one write: the processes of a launch share one stderr, and ``print``'s
+    separate write of the newline let two ranks' lines run together ("...pathmebt: error: ...")."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()

@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from mebt.config import load_config
-from mebt.errors import UserError
+from mebt.errors import UserError, say
 from mebt.train.config import RunConfig
-from mebt.train.distributed import resolve_env
+from mebt.train.distributed import close_process_group, resolve_env
 from mebt.train.loop import REQUEUE_EXIT_CODE, interrupted_line, train
 
 
@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(RunConfig, args.config, args.overrides)
         result = train(cfg)
     except UserError as e:
-        print(f"mebt: error: {e}", file=sys.stderr)
+        say(f"mebt: error: {e}")
+        close_process_group()
         return 2
     except KeyboardInterrupt:   # one line, from rank 0 only: every worker of a launch got the Ctrl-C
         if resolve_env().rank == 0:
-            print(interrupted_line(cfg.train.run_dir), file=sys.stderr)
+            say(interrupted_line(cfg.train.run_dir))
+        close_process_group()
         return 130
     return REQUEUE_EXIT_CODE if result["preempted"] else 0
 

@@ -110,6 +110,18 @@ def init_process_group(device: torch.device) -> None:
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
 
 
+def close_process_group() -> None:
+    """Tear down a multi-process group before a process exits on an error: left to interpreter shutdown,
+    gloo's threads sometimes abort the process ("terminate called without an active exception", SIGABRT)
+    after its one-line error. A one-process group (in-process tests, one-process runs) is left for reuse."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from deepspeed import comm
+
+        comm.destroy_process_group()
+
+
 def all_gather_object(obj) -> list:
     import torch.distributed as dist
 

@@ -27,7 +27,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from mebt.config import flatten, to_dict
 from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT
 from mebt.core.objective import ObjectiveConfig, chunked_masked_loss, param_groups, sample_masks, slot_seeds
-from mebt.errors import ConfigError, UserError
+from mebt.errors import ConfigError, UserError, say
 from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
@@ -197,6 +196,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
 
     seed_everything(tc.seed)   # the same initial weights on every rank
     model = MeBT(cfg.model)
+    n_params = model.num_params()   # before ZeRO-3 partitions the parameters into empty placeholders
     optimizer = cfg.optim.adamw(param_groups(model, cfg.optim.weight_decay))
     scheduler = lr_scheduler(cfg.optim, optimizer, tc.steps)
     engine, _, _, _ = deepspeed.initialize(model=MeBTLoss(model, cfg.objective).to(device),
@@ -231,7 +231,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
                       replay=history_points(history.kept) if client else None)
     for name in ("config.yaml", "deepspeed_config.json"):   # a no-op on ranks other than 0
         tracker.log_artifact(run_dir / name)
-    log.info(f"MeBT {model.num_params() / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
+    log.info(f"MeBT {n_params / 1e6:.2f}M params, {env.world_size} process(es) ({env.source}) on "
              f"{device.type}, ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, "
              f"{ds_config['train_batch_size']} clips/step" + (f", resumed at step {state.step}" if client else ""))
     log.debug(f"rank {env.rank} of {env.world_size} (local {env.local_rank}) on {device}, run dir {run_dir}")
@@ -334,7 +334,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     if main:
         print(json.dumps(result))
         if preempted:
-            print(stop_line(result), file=sys.stderr)
+            say(stop_line(result))
     return result
 
 

@@ -226,11 +226,13 @@ def test_zero_stages_offload_and_activation_checkpointing_train_alike(codes_dir,
                 "zero3_offload": {"deepspeed.zero_stage": 3, "deepspeed.offload_optimizer": "true",
                                   "deepspeed.offload_param": "true"},
                 "zero2_checkpointing": {"deepspeed.zero_stage": 2, "model.grad_checkpoint": "true"}}
-    losses = {}
+    losses, params = {}, set()
     for name, extra in variants.items():
         done = run(1, overrides(codes_dir, tmp_path / name, **{"train.steps": 6, **extra}))
         assert done.returncode == 0, done.stderr[-3000:]
         losses[name] = [r["loss"] for r in trace(tmp_path / name, 0)]
+        params |= set(re.findall(r"MeBT ([\d.]+)M params", done.stderr))
+    assert len(params) == 1 and float(params.pop()) > 0   # not ZeRO-3's empty placeholders ("0.00M")
     # grad_accum 2 x batch 2 draws other masks, so its losses differ from the rest: 2 micro-batches per step,
     # the same under ZeRO 0 and 1.
     accum = losses.pop("zero1_accum")
@@ -493,5 +495,6 @@ def test_a_read_only_run_dir_is_one_line_naming_the_path(codes_dir, tmp_path):
         assert done.returncode != 0 and lines == {
             f"mebt: error: cannot write '{mount / 'run' / '.lock'}': Read-only file system (EROFS); free space, fix "
             "the permissions or choose another path"}, done.stderr[-3000:]
+        assert "terminate called" not in done.stderr, done.stderr[-3000:]   # the group is torn down, no abort
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -1,7 +1,9 @@
 """Rendezvous settings from the environment each launcher leaves (torchrun/deepspeed, srun, none)."""
+import sys
+
 import pytest
 
-from mebt.errors import UserError
+from mebt.errors import UserError, say
 from mebt.train.distributed import resolve_env, slurm_port
 
 
@@ -35,3 +37,19 @@ def test_a_batch_script_without_a_step_is_one_process():
     environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
     env = resolve_env(environ)
     assert (env.rank, env.world_size, env.source, env.master_addr) == (0, 1, "single", "127.0.0.1")
+
+
+def test_an_error_line_is_one_write_so_ranks_sharing_stderr_never_run_lines_together(monkeypatch):
+    # print() writes the text and the newline separately: two ranks then printed "...pathmebt: error: ...".
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            writes.append("<flush>")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    say("mebt: error: cannot write 'x'")
+    assert writes == ["mebt: error: cannot write 'x'\n", "<flush>"]
