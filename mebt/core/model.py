@@ -100,9 +100,11 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, kv, causal: bool = False, cache=None):
+    def forward(self, x, kv, causal: bool = False, cache=None, kv_proj=None):
+        """``kv_proj``: the key and value projections of ``kv``, computed earlier (``ContextCache``)."""
         heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.n_head)
-        q, k, v = heads(self.query(x)), heads(self.key(kv)), heads(self.value(kv))
+        k, v = kv_proj if kv_proj is not None else (self.key(kv), self.value(kv))
+        q, k, v = heads(self.query(x)), heads(k), heads(v)
         if cache is not None:  # autoregressive decoding: append this step's keys/values, attend to all so far
             k, v = cache.update(k, v)
         if k.shape[2] == 0:
@@ -129,12 +131,17 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
                                  nn.Dropout(dropout))
 
-    def forward(self, x, kv=None, causal: bool = False, cache=None):
+    def forward(self, x, kv=None, causal: bool = False, cache=None, kv_proj=None):
         xn = self.ln1(x)
-        kvn = xn if kv is None else self.ln1(kv)
+        kvn = xn if kv is None else self.ln1(kv)   # unused when kv_proj is given (pass kv=None then)
         # The official block adds attention to the normalized query; released checkpoints depend on it.
-        x = (xn if self.official else x) + self.attn(xn, kvn, causal, cache)
+        x = (xn if self.official else x) + self.attn(xn, kvn, causal, cache, kv_proj)
         return x + self.mlp(self.ln2(x))
+
+    def kv_proj(self, kv):
+        """The key and value projections this block's attention makes of a key/value input."""
+        kvn = self.ln1(kv)
+        return self.attn.key(kvn), self.attn.value(kvn)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -148,6 +155,46 @@ def init_weights(module: nn.Module) -> None:
 def select_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """x[b, rows[b]] for x [B, M, d] and rows [B, K]; x itself when rows is None."""
     return x if rows is None else x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class ContextCache:
+    """The keys and values every ``latent_enc`` block makes of the contexts, kept across sampling passes.
+
+    A context enters ``latent_enc`` as ``tok_emb[code] + pos_emb[position]``, whatever else is known, so
+    its LayerNorm and key/value projections are the same in every pass that sees it: they are computed
+    once per (position, code) and gathered after that. A position whose code changed (a revision pass
+    resampled it) is computed again. For inference only (no dropout); one cache per batch of grids.
+    """
+
+    def __init__(self):
+        self.code: Optional[torch.Tensor] = None   # [B, N]: the code each position's entries hold (-1: none)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # block index -> keys, values [B, N, d]
+
+    def update(self, model: "MeBT", codes: torch.Tensor, ctx_idx: torch.Tensor) -> None:
+        """Compute the entries of the contexts ``ctx_idx`` [B, N_ctx] that are missing or out of date."""
+        if self.code is None or self.code.shape != codes.shape:
+            self.code = torch.full_like(codes, -1)
+            like = model.pos_emb
+            self.kv = {i: tuple(like.new_empty(*codes.shape, like.shape[-1]) for _ in "kv")
+                       for i, kind in enumerate(model.kinds) if kind == "latent_enc"}
+        now = codes.gather(1, ctx_idx)
+        b, c = (self.code.gather(1, ctx_idx) != now).nonzero(as_tuple=True)   # ragged: flat (sample, slot) pairs
+        if not len(b):
+            return
+        pos = ctx_idx[b, c]
+        emb = model.tok_emb(now[b, c]) + model.pos_emb[pos]
+        for i, kind in enumerate(model.kinds):
+            if kind == "latent_enc":
+                self.kv[i][0][b, pos], self.kv[i][1][b, pos] = model.blocks[i].kv_proj(emb)
+        self.code[b, pos] = now[b, c]
+
+    def get(self, i: int, ctx_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(select_rows(t, ctx_idx) for t in self.kv[i])
+
+    @staticmethod
+    def nbytes(cfg: "MeBTConfig", batch_size: int, itemsize: int = 4) -> int:
+        """Memory the cache takes once every position has entries."""
+        return cfg.plan.count("latent_enc") * 2 * batch_size * cfg.block_size * cfg.n_embd * itemsize
 
 
 class MeBT(nn.Module):
@@ -172,40 +219,54 @@ class MeBT(nn.Module):
             return checkpoint(self.blocks[i], x, kv, use_reentrant=False)
         return self.blocks[i](x, kv)
 
-    def features(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
-        """Final normalized target states [B, N_tgt, n_embd] (the head's input).
+    def features(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                 rows: Optional[torch.Tensor] = None, context_cache: Optional[ContextCache] = None) -> torch.Tensor:
+        """Final normalized target states [B, N_tgt, n_embd] (the head's input), or [B, K, n_embd] for the
+        target rows ``rows`` [B, K] only.
 
         codes: [B, N] (or [B, T', H', W']) long; ctx_idx: [B, N_ctx] and tgt_idx: [B, N_tgt] long positions in
         the flattened grid, the same counts for every sample. Codes at target positions are never read, so
-        the answer cannot leak into the input.
+        the answer cannot leak into the input. ``context_cache`` (inference) keeps the contexts' keys and
+        values from one call to the next.
         """
         codes = codes.flatten(1)
-        ctx = self.drop(self.tok_emb(codes.gather(1, ctx_idx)) + self.pos_emb[ctx_idx])
+        if context_cache is None:
+            ctx = self.drop(self.tok_emb(codes.gather(1, ctx_idx)) + self.pos_emb[ctx_idx])
+        else:
+            context_cache.update(self, codes, ctx_idx)
         tgt = self.drop(self.mask_emb + self.pos_emb[tgt_idx])
         # The official embedding dropout covers the latents too (each sample gets its own mask); identity in eval.
         lat = self.drop(self.latents.expand(codes.shape[0], -1, -1))
+        last = len(self.kinds) - 1
         for i, kind in enumerate(self.kinds):
             if kind == "latent_enc":
-                lat = self._block(i, lat, ctx)
+                lat = (self._block(i, lat, ctx) if context_cache is None
+                       else self.blocks[i](lat, kv_proj=context_cache.get(i, ctx_idx)))
             elif kind == "latent_self":
                 lat = self._block(i, lat, None)
             elif kind == "latent_dec":
+                if i == last:
+                    # The last block acts on each target alone and nothing after it reads other targets: the
+                    # rows whose logits are wanted are all it needs (a sampler committing a few positions).
+                    tgt = select_rows(tgt, rows)
                 tgt = self._block(i, tgt, lat)
             else:  # lt2l: latents read their own state and the current targets
                 lat = self._block(i, lat, torch.cat([lat, tgt], dim=1))
         return self.ln_f(tgt)
 
     def forward(self, codes: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                rows: Optional[torch.Tensor] = None, features_only: bool = False) -> torch.Tensor:
+                rows: Optional[torch.Tensor] = None, features_only: bool = False,
+                context_cache: Optional[ContextCache] = None) -> torch.Tensor:
         """Logits [B, N_tgt, vocab] for the targets, or [B, K, vocab] for target rows ``rows`` [B, K] only.
 
         Every unmasked position is still a target (the latents read the targets in ``lt2l``), but a sampler
-        that commits a few positions needs only their logits; the head is the largest single matmul.
-        ``features_only`` returns ``features()`` through this call, so that wrappers which act on module
-        calls (ZeRO-3 gathers a module's parameters when it is called) see the embeddings being used.
+        that commits a few positions needs only their logits: the last block and the head (the largest
+        single matmul) run on those rows only. ``features_only`` returns ``features()`` through this call,
+        so that wrappers which act on module calls (ZeRO-3 gathers a module's parameters when it is called)
+        see the embeddings being used.
         """
-        features = self.features(codes, ctx_idx, tgt_idx)
-        return features if features_only else self.head(select_rows(features, rows))
+        features = self.features(codes, ctx_idx, tgt_idx, rows, context_cache)
+        return features if features_only else self.head(features)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,7 +9,9 @@ the context/target counts stay equal across the batch and each call is a single 
   (log p + tau * Gumbel, tau = ctemp * (1 - t)) become contexts until only ceil(cos(pi t/2) * N) positions
   stay masked. As in the official sampler, tau uses the same t as the count: it reaches 0 at the last
   step, which commits every remaining position.
-- Bootstrap (before a MaskGIT draft): ``bootstrap`` random single positions, one per pass.
+- Bootstrap (before a MaskGIT draft): ``bootstrap`` random single positions, one per pass. Not the
+  published procedure: ``bootstrap_passes`` commits them in that many passes (nearly equal random groups,
+  each sampled given the groups before it), the passes that dominate a 128-frame sample's compute.
 - Chunks: a random permutation split into ``n_draft`` equal chunks, one committed per pass.
 - Revision: ``revise_rounds`` times, a fresh permutation split into ``n_revise`` chunks; each chunk is
   resampled given all the rest.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from mebt.core.model import ContextCache, MeBT, select_rows
 from mebt.errors import ConfigError
 
 
@@ -45,6 +48,7 @@ class SamplingConfig:
     top_p: Optional[float] = None   # draft nucleus mass
     ctemp: float = 4.5              # choice temperature tau0; at step k of n, tau = ctemp*(1-(k+1)/n)
     bootstrap: int = 0              # commit this many single random tokens, one per pass, before the schedule
+    bootstrap_passes: Optional[int] = None  # NOT the official procedure: commit them in this many passes
     bootstrap_temperature: float = 1.0  # the bootstrap and revision have their own settings (module docstring)
     bootstrap_top_k: Optional[int] = None
     bootstrap_top_p: Optional[float] = None
@@ -69,6 +73,8 @@ class SamplingConfig:
             check(top_p is None or 0 < top_p <= 1, phase + "top_p", "must be None or in (0, 1]")
         check(self.ctemp >= 0, "ctemp", "must be >= 0")
         check(self.bootstrap >= 0, "bootstrap", "must be >= 0")
+        check(self.bootstrap_passes is None or 1 <= self.bootstrap_passes <= max(self.bootstrap, 1),
+              "bootstrap_passes", f"must be None (one pass per token, official) or in [1, bootstrap={self.bootstrap}]")
         check(self.draft in ("maskgit", "chunks"), "draft", "must be 'maskgit' or 'chunks'")
         if self.draft == "chunks":
             check(self.n_draft >= 1, "n_draft", "must be >= 1 with draft='chunks'")
@@ -107,6 +113,13 @@ def preset(name: str) -> SamplingConfig:
 SamplingConfig.named = staticmethod(preset)
 
 
+# Logits held at a time by the sampler (sample_head): 64 MiB of fp32, 1024 rows of a 16384-code vocabulary.
+LOGIT_CHUNK_ELEMENTS = 1 << 24
+# The context cache (E2 in Sampler) is skipped when it would take more: at 128 frames it is 7 blocks x keys and
+# values x 8192 positions x 1024 channels, 470 MiB per sample (fp32), for ~2% of the time.
+CONTEXT_CACHE_MAX_BYTES = 8 << 30
+
+
 def _masked_after(t: float, n: int) -> int:
     # cos(pi/2) is 6e-17 in floating point, which would leave one position masked after the last step.
     return 0 if t >= 1 else math.ceil(math.cos(math.pi * t / 2) * n)
@@ -139,7 +152,11 @@ def num_forward_passes(cfg: SamplingConfig, n: int) -> int:
     if cfg.bootstrap >= n:
         raise ConfigError(f"config key 'bootstrap' ({cfg.bootstrap}) must be below the {n} generated positions")
     draft = len(maskgit_schedule(cfg, n)) if cfg.draft == "maskgit" else cfg.n_draft
-    return cfg.bootstrap + draft + cfg.revise_rounds * cfg.n_revise
+    return bootstrap_pass_count(cfg) + draft + cfg.revise_rounds * cfg.n_revise
+
+
+def bootstrap_pass_count(cfg: SamplingConfig) -> int:
+    return cfg.bootstrap if cfg.bootstrap_passes is None else min(cfg.bootstrap_passes, cfg.bootstrap)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
@@ -151,10 +168,33 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
     ``torch.multinomial``, which dominates a pass over thousands of rows of a 16384-code vocabulary; with
     top-k only the k candidates are sorted, normalized and searched.
     """
-    logits = logits.float() / temperature
+    u = torch.rand((*logits.shape[:-1], 1), generator=generator, device=logits.device)
+    return _draw(logits, temperature, top_k, top_p, u)
+
+
+def sample_head(head: nn.Linear, features: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                chunk_elements: int = LOGIT_CHUNK_ELEMENTS):
+    """``sample_logits(head(features), ...)`` for features [B, M, d], with the same random draws, holding
+    at most ``chunk_elements`` logits at a time: [B, M, V] fp32 logits are 512 MiB per 8192-target sample."""
+    b, m, _ = features.shape
+    u = torch.rand((b, m, 1), generator=generator, device=features.device).flatten(0, 1)
+    rows = features.flatten(0, 1)
+    step = max(1, chunk_elements // head.out_features)
+    parts = [_draw(head(rows[s:s + step]), temperature, top_k, top_p, u[s:s + step]) for s in range(0, len(rows), step)]
+    return tuple(torch.cat(drawn).view(b, m) for drawn in zip(*parts))
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+          u: torch.Tensor):
+    """``sample_logits`` with its uniform numbers ``u`` [..., 1] given."""
+    logits = logits.float()
     codes = None  # candidate codes when the rows were reduced to sorted candidates
     if top_k is not None and top_k < logits.shape[-1]:
+        # Before the temperature, which keeps the order: k columns to divide instead of the vocabulary.
         logits, codes = logits.topk(top_k, dim=-1)
+    if temperature != 1.0:   # x / 1.0 == x: no copy of the logits to make
+        logits = logits / temperature
     if top_p is not None and top_p < 1:
         if codes is None:
             logits, codes = logits.sort(dim=-1, descending=True)
@@ -164,7 +204,7 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     logp = F.log_softmax(logits, dim=-1)
     cdf = logp.exp().cumsum(dim=-1)
-    u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device) * cdf[..., -1:]
+    u = u * cdf[..., -1:]
     choice = torch.searchsorted(cdf, u, right=True)
     # Rounding can put u at the very top of the CDF: fall back to the last code with non-zero probability.
     choice = torch.minimum(choice, (logp > float("-inf")).sum(dim=-1, keepdim=True) - 1)
@@ -181,10 +221,20 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class _Sampler:
-    """Per-batch state (codes, known, fixed) and the three kinds of step that change it."""
+    """Per-batch state (codes, known, fixed) and the three kinds of step that change it.
 
-    def __init__(self, model, cfg: SamplingConfig, codes, known, generator, bar):
+    With ``fast`` (a ``MeBT`` model) a pass skips work whose result is never used, drawing the same random
+    numbers: (E1) the last block and the head run on the rows to commit only (``MeBT.features``), (E2) the
+    contexts' keys and values are kept from pass to pass (``ContextCache``), (E3) logits are made and
+    sampled a chunk of rows at a time, top-k before the temperature (``sample_head``). Without it, every
+    pass computes every target's logits, as the official sampler does.
+    """
+
+    def __init__(self, model, cfg: SamplingConfig, codes, known, generator, bar, fast: bool):
         self.model, self.cfg, self.generator, self.bar = model, cfg, generator, bar
+        self.fast = fast and isinstance(model, MeBT)
+        fits = self.fast and ContextCache.nbytes(model.cfg, codes.shape[0]) <= CONTEXT_CACHE_MAX_BYTES
+        self.cache = ContextCache() if fits else None
         self.codes = codes                  # [B, N] long; values at unknown positions are never read
         self.known = known                  # [B, N] bool: the contexts of the next pass
         self.fixed = known.clone()          # given positions: never resampled
@@ -198,10 +248,18 @@ class _Sampler:
         order = torch.sort((~self.known).to(torch.uint8), dim=1, stable=True).indices
         return order[:, :self.n_known], order[:, self.n_known:]
 
-    def forward(self, ctx_idx, tgt_idx, rows=None):
-        logits = self.model(self.codes, ctx_idx, tgt_idx, rows=rows)
+    def draw(self, ctx_idx, tgt_idx, rows, temperature: float, top_k: Optional[int], top_p: Optional[float]):
+        """One model call: sampled codes and their log-probabilities [B, M] for target rows ``rows`` [B, M]
+        (every target when None)."""
+        if self.fast:
+            features = self.model(self.codes, ctx_idx, tgt_idx, rows=rows, features_only=True,
+                                  context_cache=self.cache)
+            drawn = sample_head(self.model.head, features, temperature, top_k, top_p, self.generator)
+        else:
+            logits = select_rows(self.model(self.codes, ctx_idx, tgt_idx), rows)
+            drawn = sample_logits(logits, temperature, top_k, top_p, self.generator)
         self.bar.update(1)
-        return logits
+        return drawn
 
     def commit(self, pos, values):
         self.codes.scatter_(1, pos, values)
@@ -224,16 +282,14 @@ class _Sampler:
         # Where each grid position sits among the targets: the model computes logits for the chunk's rows only.
         slot = torch.zeros_like(self.codes)
         slot.scatter_(1, tgt_idx, torch.arange(tgt_idx.shape[1], device=slot.device).expand_as(tgt_idx))
-        logits = self.forward(ctx_idx, tgt_idx, rows=slot.gather(1, chunk))
-        codes, _ = sample_logits(logits, temperature, top_k, top_p, self.generator)
+        codes, _ = self.draw(ctx_idx, tgt_idx, slot.gather(1, chunk), temperature, top_k, top_p)
         self.commit(chunk, codes)
 
     def maskgit_step(self, k: int, n_new: int):
         """Sample every target, keep the n_new most confident (with Gumbel noise that anneals to zero)."""
         cfg = self.cfg
         ctx_idx, tgt_idx = self.split()
-        logits = self.forward(ctx_idx, tgt_idx)
-        codes, logp = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, self.generator)
+        codes, logp = self.draw(ctx_idx, tgt_idx, None, cfg.temperature, cfg.top_k, cfg.top_p)
         confidence = logp
         # The official sampler anneals with t_next = (k+1)/n, the time the commit count is taken at.
         tau = cfg.ctemp * (1 - (k + 1) / cfg.steps)
@@ -285,21 +341,24 @@ def _given_state(model, batch_size: int, given_codes, given_mask):
 @torch.no_grad()
 def sample(model: nn.Module, cfg: SamplingConfig, batch_size: int, *, given_codes: Optional[torch.Tensor] = None,
            given_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-           progress: bool = False, desc: str = "sampling", leave: bool = True) -> torch.Tensor:
+           progress: bool = False, desc: str = "sampling", leave: bool = True, fast: bool = True) -> torch.Tensor:
     """Generate ``batch_size`` code grids [B, N] (long) with ``model(codes, ctx_idx, tgt_idx, rows) -> logits``.
 
     given_codes [B, N] and given_mask [B, N] or [N] (bool) fix some positions (e.g. the first frames); they
     are returned unchanged. All randomness comes from ``generator`` (on the codes' device) when given.
-    ``progress`` shows a bar of forward passes named ``desc`` (kept when done if ``leave``).
+    ``progress`` shows a bar of forward passes named ``desc`` (kept when done if ``leave``). ``fast`` skips
+    work whose result is never used (``_Sampler``; the same codes), False runs every pass in full, as the
+    official sampler does (benchmarks compare the two).
     """
     codes, known = _given_state(model, batch_size, given_codes, given_mask)
     n_free = codes.shape[1] - int(known[0].sum())
     total = num_forward_passes(cfg, n_free)
     with tqdm(total=total, disable=not progress, desc=desc, unit="pass", leave=leave) as bar:
-        state = _Sampler(model, cfg, codes, known, generator, bar)
+        state = _Sampler(model, cfg, codes, known, generator, bar, fast)
         if cfg.draft == "maskgit":
             if cfg.bootstrap:  # single random positions, one per pass, so the schedule starts from some context
-                for pos in state.random_order()[:, :cfg.bootstrap].split(1, dim=1):
+                order = state.random_order()[:, :cfg.bootstrap]
+                for pos in order.tensor_split(bootstrap_pass_count(cfg), dim=1):
                     state.fill(pos, cfg.bootstrap_temperature, cfg.bootstrap_top_k, cfg.bootstrap_top_p)
             for k, n_new in maskgit_schedule(cfg, n_free):
                 state.maskgit_step(k, n_new)

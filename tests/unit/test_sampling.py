@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mebt.core.model import MeBT, MeBTConfig, select_rows
+from mebt.core.model import ContextCache, MeBT, MeBTConfig, select_rows
 from mebt.core.sampling import (
     PRESETS,
     SamplingConfig,
@@ -13,6 +13,7 @@ from mebt.core.sampling import (
     num_forward_passes,
     preset,
     sample,
+    sample_head,
     sample_logits,
 )
 from mebt.errors import ConfigError
@@ -395,6 +396,8 @@ def test_presets_cover_exactly_the_table_and_unknown_names_list_them():
     (dict(revise_top_p=0.0), "revise_top_p"),
     (dict(ctemp=-1.0), "ctemp"),
     (dict(bootstrap=-1), "bootstrap"),
+    (dict(bootstrap=8, bootstrap_passes=0), "bootstrap_passes"),
+    (dict(bootstrap=8, bootstrap_passes=9), "bootstrap_passes"),
     (dict(draft="random"), "draft"),
     (dict(draft="chunks"), "n_draft"),
     (dict(n_draft=4), "n_draft"),
@@ -425,14 +428,115 @@ def test_progress_bar_counts_the_passes(capsys):
     assert f"{total}/{total}" in capsys.readouterr().err
 
 
-def test_chunk_and_bootstrap_passes_ask_logits_only_for_the_committed_rows():
-    rec = Recorder(Oracle(32))
+def paper_like_mebt(vocab=128, latent_shape=(4, 8, 8)):
+    """Every block kind ([enc, self, enc, dec, lt2l, dec]), a vocabulary above the presets' top-k (32) and
+    a grid every preset's bootstrap and chunk counts fit, with and without a given first frame."""
+    torch.manual_seed(0)
+    cfg = MeBTConfig(vocab_size=vocab, latent_shape=latent_shape, n_layer=6, n_embd=32, n_head=4, n_latent=8)
+    model = MeBT(cfg).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(4.0)   # peaked distributions, as a trained model's: top-k and ranks matter
+    return model
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_fast_passes_give_the_codes_of_full_passes_for_every_preset(name):
+    model, cfg = paper_like_mebt(), preset(name)
+    first_frame = torch.arange(256) < 64
+    for batch in (1, 3):
+        given = torch.randint(0, 128, (batch, 256), generator=seeded(5))
+        for condition in ({}, {"given_codes": given, "given_mask": first_frame}):
+            fast = sample(model, cfg, batch, generator=seeded(11), **condition)
+            full = sample(model, cfg, batch, generator=seeded(11), fast=False, **condition)
+            assert torch.equal(fast, full), (name, batch, bool(condition))
+            assert len(fast.unique()) > 32   # not a degenerate model that always says the same
+
+
+class Shapes:
+    """Records the row count of every call of some modules: a forward pre-hook on each."""
+
+    def __init__(self, **modules):
+        self.rows = {name: [] for name in modules}
+        for name, module in modules.items():
+            module.register_forward_pre_hook(lambda m, args, name=name: self.rows[name].append(args[0].shape[-2]))
+
+
+def unknown_before_each_pass(cfg, n):
+    """The number of targets of each MaskGIT pass (after ``cfg.bootstrap`` single commits)."""
+    out, known = [], cfg.bootstrap
+    for _, n_new in maskgit_schedule(cfg, n):
+        out.append(n - known)
+        known += n_new
+    return out
+
+
+def test_fast_passes_run_the_last_block_and_head_on_the_committed_rows_only():
+    model = paper_like_mebt()
     cfg = SamplingConfig(steps=4, bootstrap=3, n_revise=4, revise_rounds=1)
-    out = sample(rec, cfg, 2, generator=seeded(0))
-    assert torch.equal(out, oracle_code(torch.arange(32)).expand(2, 32))
-    n_maskgit = len(rec.rows) - 3 - 4
-    # bootstrap passes need one row, MaskGIT passes every target, revision passes their whole chunk
-    assert rec.rows == [1, 1, 1] + [None] * n_maskgit + [8] * 4
+    seen = Shapes(last=model.blocks[-1], head=model.head)
+    fast = sample(model, cfg, 2, generator=seeded(0))
+    # bootstrap passes need one row, MaskGIT passes every target, revision passes their chunk (256 / 4)
+    assert seen.rows["last"] == [1, 1, 1] + unknown_before_each_pass(cfg, 256) + [64] * 4
+    # The head sees the batch's rows as one (flat) chunk: they fit in LOGIT_CHUNK_ELEMENTS.
+    assert seen.rows["head"] == [2 * rows for rows in seen.rows["last"]]
+    seen.rows = {"last": [], "head": []}
+    assert torch.equal(sample(model, cfg, 2, generator=seeded(0), fast=False), fast)
+    assert seen.rows["last"][:3] == [256, 255, 254] and seen.rows["last"] == seen.rows["head"]
+
+
+def test_bootstrap_passes_commit_the_bootstrap_tokens_in_fewer_passes():
+    model = paper_like_mebt()
+    official, grouped = preset("sky_128f"), preset("sky_128f")
+    grouped.bootstrap_passes = 3   # 64 tokens: groups of 22, 21, 21
+    seen = Shapes(last=model.blocks[-1])
+    out = sample(model, grouped, 2, generator=seeded(0))
+    assert num_forward_passes(grouped, 256) == num_forward_passes(official, 256) - 61
+    assert len(seen.rows["last"]) == num_forward_passes(grouped, 256) and seen.rows["last"][:4] == [22, 21, 21, 192]
+    assert out.shape == (2, 256)
+    grouped.bootstrap_passes = 64   # one token per pass: the official procedure
+    assert torch.equal(sample(model, grouped, 2, generator=seeded(0)), sample(model, official, 2, generator=seeded(0)))
+
+
+def test_contexts_keys_and_values_are_computed_once_per_position_and_code(monkeypatch):
+    model = paper_like_mebt()
+    cfg = SamplingConfig(steps=8)
+    seen = Shapes(key=model.blocks[0].attn.key, value=model.blocks[2].attn.value)
+    fast = sample(model, cfg, 2, generator=seeded(0))
+    # Every position becomes a context once, except those the last pass commits (never read again).
+    last = maskgit_schedule(cfg, 256)[-1][1]
+    assert sum(seen.rows["key"]) == sum(seen.rows["value"]) == 2 * (256 - last)
+    monkeypatch.setattr("mebt.core.sampling.CONTEXT_CACHE_MAX_BYTES", 0)   # too large: every pass projects all
+    seen.rows = {"key": [], "value": []}
+    assert torch.equal(sample(model, cfg, 2, generator=seeded(0)), fast)
+    n_ctx = [256 - unknown for unknown in unknown_before_each_pass(cfg, 256)]
+    assert seen.rows["key"] == n_ctx and seen.rows["key"] == seen.rows["value"]
+
+
+def test_the_context_cache_recomputes_a_position_whose_code_changed():
+    model = paper_like_mebt()
+    codes = torch.randint(0, 128, (2, 256), generator=seeded(1))
+    ctx_idx = torch.stack([torch.randperm(256, generator=seeded(s))[:100] for s in (2, 3)])
+    cache = ContextCache()
+    with torch.no_grad():
+        cache.update(model, codes, ctx_idx)
+        codes[0, ctx_idx[0, 7]] = (codes[0, ctx_idx[0, 7]] + 1) % 128   # a revision changed one context
+        cache.update(model, codes, ctx_idx)
+        for i in (0, 2):   # the latent_enc blocks
+            k, v = model.blocks[i].kv_proj(model.tok_emb(codes.gather(1, ctx_idx)) + model.pos_emb[ctx_idx])
+            cached_k, cached_v = cache.get(i, ctx_idx)
+            assert torch.allclose(cached_k, k, atol=1e-6) and torch.allclose(cached_v, v, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(None, None, 1.0), (None, None, 0.7), (32, None, 1.0),
+                                                     (None, 0.9, 0.7), (5, 0.6, 1.3)])
+def test_sampling_from_features_in_chunks_of_rows_draws_what_sampling_the_whole_logits_does(top_k, top_p,
+                                                                                           temperature):
+    head = paper_like_mebt().head
+    features = torch.randn(3, 50, 32, generator=seeded(4))
+    with torch.no_grad():
+        whole = sample_logits(head(features), temperature, top_k, top_p, seeded(9))
+        chunked = sample_head(head, features, temperature, top_k, top_p, seeded(9), chunk_elements=7 * 128)
+    assert torch.equal(whole[0], chunked[0]) and torch.allclose(whole[1], chunked[1], atol=1e-5)
 
 
 def test_inverse_cdf_sampling_never_picks_filtered_codes():
