@@ -78,8 +78,8 @@ def raw_bound(root: Path, batch_size: int) -> tuple[int, float]:
 def time_loader(root: Path | str, args: argparse.Namespace, workers: int,
                 verify: str = "size") -> tuple[int, float, float]:
     """(clips, seconds of the fastest epoch, seconds of the first) over ``--epochs`` whole epochs, worker
-    start-up included. The first epoch also parses and checks every shard's tar layout; later epochs in
-    the same process reuse it (workers start afresh each epoch, so they parse again)."""
+    start-up included. The first epoch also parses and checks every shard's tar layout; later epochs reuse
+    it, in the main process and in the workers alike (they live across epochs)."""
     loader = make_loader(LoaderConfig(data_dir=str(root), batch_size=args.batch_size, num_workers=workers,
                                       shuffle_buffer=args.shuffle_buffer, seed=args.seed, verify=verify), 0, 1,
                          expect_grid=GRID, expect_vocab=VOCAB)

@@ -7,12 +7,16 @@ directory or at shard URLs (a WebDataset spec over http(s), pipe: or files; ``da
   batch of epoch e the loader is at epoch e+1, position 0). Leaving the loop early keeps the position:
   the next ``iter`` goes on from there. ``set_epoch(e)`` jumps to the start of epoch e and is a no-op for
   the current epoch, so a trainer that calls it every epoch does not undo a resume.
+- With ``num_workers`` > 0 the DataLoader workers start at the first ``iter`` and live as long as the loader
+  (they end when it is collected or the process exits): each ``iter`` restarts them at the loader's position,
+  dropping what they had made ahead for a loop left early, and later epochs reuse what a worker checked before
+  (shard layouts, sha256-once verdicts) instead of starting new processes that check everything again.
 - ``batches_per_epoch`` (also ``len``) is the same on every rank; the balancing rule is in ``loader_state``.
-- ``state_dict()`` is a small JSON-serializable dict (epoch, batches consumed, the plan settings, the
-  stream seeds, corrupt shards seen); ``load_state_dict()`` on a loader made with the same settings yields
-  exactly the batches an uninterrupted run would have yielded next. A loader of another shape (process
-  count, workers, batch size, ``accum``) with the same samples per step resumes it too: the global batches
-  stay those of the saved plan (``data_pipeline.elastic``).
+- ``state_dict()`` is a small JSON-serializable dict (epoch, batches the consumer took, not those made ahead,
+  the plan settings, the stream seeds, corrupt shards seen); ``load_state_dict()`` on a loader made with the
+  same settings yields exactly the batches an uninterrupted run would have yielded next. A loader of another
+  shape (process count, workers, batch size, ``accum``) with the same samples per step resumes it too: the
+  global batches stay those of the saved plan (``data_pipeline.elastic``).
 - A batch is a dict: ``codes`` int64 [B, L, H', W'] (L = ``crop_frames`` or the clips' T'); per sample
   ``key``, ``video_id``, ``split``, ``source`` (lists), ``start``, ``stride``, ``fps``, ``frame_offset``
   (first latent frame of the crop), ``sample_id`` (the slot's number, unique in the epoch) and ``pad``
@@ -51,7 +55,9 @@ Reading never blocks on bad data: a worker reports the error as a batch and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -60,6 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.elastic import ElasticSteps, check_layout
 from data_pipeline.loader_state import (
+    SHAPE,
     DatasetIndex,
     EpochPlan,
     check_state,
@@ -124,27 +131,48 @@ class LoaderConfig:
             raise ConfigError(f"config key 'crop_frames' must be >= 1 or null, got {self.crop_frames}")
 
 
-class _EpochStreams(IterableDataset):
-    """The rest of one epoch on one rank: each DataLoader worker (or the main process) serves one stream."""
+class _EpochFromStart(IterableDataset):
+    """The rest of one epoch on one rank from the start ``ShardLoader`` set before its latest ``iter``: each
+    DataLoader worker (or the main process) serves one stream of the plan, or after an elastic resume its
+    share of the saved plan's steps (``data_pipeline.elastic``).
+
+    The loader's one DataLoader keeps its workers for the loader's life, and each ``iter`` of it restarts
+    every worker's iterator here; so the start (epoch, position and the layout of the plan followed) lives
+    in shared memory, where the workers read it. A worker's copy of this object, and with it ``layouts``
+    (checked shard layouts), lasts across epochs, so later epochs skip the tar parse and checks.
+    """
 
     def __init__(self, index: DatasetIndex, cfg: LoaderConfig, plan: EpochPlan, grid: tuple, rank: int,
-                 epoch: int, position: int, layouts: dict):
+                 world_size: int, layouts: dict):
         self.index, self.cfg, self.plan, self.grid, self.layouts = index, cfg, plan, grid, layouts
-        self.rank, self.epoch, self.position = rank, epoch, position
+        self.rank, self.world_size = rank, world_size
+        # [epoch, position, *the followed plan's SHAPE]; shared so that running workers see what is set later.
+        self.start = torch.zeros(2 + len(SHAPE), dtype=torch.int64).share_memory_()
+
+    def set_start(self, epoch: int, position: int, source: EpochPlan) -> None:
+        self.start.copy_(torch.tensor([epoch, position, *(getattr(source, key) for key in SHAPE)]))
 
     def __iter__(self):
+        # Read now, when the DataLoader restarts this worker: the main process wrote it before asking.
+        epoch, position, *shape = self.start.tolist()
+        source = dataclasses.replace(self.plan, **dict(zip(SHAPE, shape)))
+        if source != self.plan:
+            return iter(ElasticSteps(self.index, self.cfg, source, self.grid, self.rank, self.world_size,
+                                     self.plan.batch_size, self.plan.accum, epoch, position, self.layouts))
+        return self._streams(epoch, position)
+
+    def _streams(self, epoch: int, position: int):
         info = get_worker_info()
         num_streams = self.plan.num_streams
-        stream = stream_of_worker(self.position, info.id if info else 0, num_streams)
-        first = consumed_batches(self.position, stream, num_streams)
+        stream = stream_of_worker(position, info.id if info else 0, num_streams)
+        first = consumed_batches(position, stream, num_streams)
         try:
-            reader = StreamReader(self.index, self.cfg, self.plan.stream(self.index.layout, self.rank, stream,
-                                                                          self.epoch), self.grid, first,
-                                    self.layouts)
+            reader = StreamReader(self.index, self.cfg, self.plan.stream(self.index.layout, self.rank, stream, epoch),
+                                  self.grid, first, self.layouts)
             try:
                 for j in range(first, reader.num_batches):
                     batch_index = j * num_streams + stream
-                    yield {**reader.batch(j), "epoch": self.epoch, "batch_index": batch_index,
+                    yield {**reader.batch(j), "epoch": epoch, "batch_index": batch_index,
                            "sample_id": torch.from_numpy(self.plan.sample_ids(self.rank, batch_index))}
             finally:
                 reader.close()
@@ -181,8 +209,22 @@ class ShardLoader:
         self.position = 0        # batches of the source plan every rank has taken in this epoch
         self.micro_in_step = 0   # micro-batches yielded of an unfinished step (elastic only)
         self.corrupt_shards: dict[str, str] = {}
-        # Checked shard layouts, reused by later epochs read in this process (workers start afresh).
+        # Checked shard layouts, reused by later epochs read in this process (each worker keeps its own copy).
         self.layouts: dict = {}
+        self._epochs = _EpochFromStart(index, cfg, self.plan, grid, rank, world_size, self.layouts)
+        # One DataLoader for the loader's life. Its workers start at the first iter and stay until the loader is
+        # collected or the process exits; each later iter restarts them at the position, dropping what they made
+        # ahead. It is held in a list that a finalizer empties when the loader is collected: reachable from the
+        # finalizer registry, the DataLoader and its queues never lie in a garbage cycle with the loader (say an
+        # exception's traceback holding a loop over it), where the queues could be finalized before the workers
+        # are told to stop, and collecting the cycle would wait 5 s for each worker.
+        workers = cfg.num_workers
+        self._items_loader = [DataLoader(self._epochs, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                         persistent_workers=workers > 0, in_order=True,
+                                         prefetch_factor=cfg.prefetch_factor if workers else None,
+                                         pin_memory=cfg.pin_memory)]
+        weakref.finalize(self, self._items_loader.clear)
+        self._iteration = 0      # iters begun: an older iterator must not take from the restarted workers
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -218,9 +260,7 @@ class ShardLoader:
         if self.elastic:
             yield from self._elastic_batches()
             return
-        streams = _EpochStreams(self.index, self.cfg, self.plan, self.grid, self.rank, self.epoch, self.position,
-                               self.layouts)
-        for batch in self._items(streams):
+        for batch in self._items():
             self._note_corrupt(batch.pop("corrupt_shards"))
             if (batch["epoch"], batch["batch_index"]) != (self.epoch, self.position):
                 raise RuntimeError(f"loader got batch {batch['batch_index']} of epoch {batch['epoch']}, expected "
@@ -230,21 +270,22 @@ class ShardLoader:
                 self.epoch, self.position = self.epoch + 1, 0
             yield batch
 
-    def _items(self, dataset: IterableDataset):
-        """What ``dataset``'s workers (or the main process) make; a worker's error is raised here as one line."""
-        # Workers are started per epoch (not persistent) so that each one gets this epoch and position.
-        items = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers,
-                           in_order=True, prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
-                           pin_memory=self.cfg.pin_memory)
-        for item in items:
+    def _items(self):
+        """What the workers (or the main process) make from the position to the end of its epoch; a worker's
+        error is raised here as one line."""
+        self._iteration += 1
+        iteration = self._iteration
+        self._epochs.set_start(self.epoch, self.position, self.source)
+        for item in self._items_loader[0]:
             if "error" in item:
                 raise CorruptShardError(item["error"])
             yield item
+            if self._iteration != iteration:
+                raise RuntimeError("ShardLoader: another iteration of this loader began since this iterator's last "
+                                   "batch, and restarted its workers there; take batches from the newest iterator")
 
     def _elastic_batches(self):
-        steps = ElasticSteps(self.index, self.cfg, self.source, self.grid, self.rank, self.world_size,
-                             self.plan.batch_size, self.plan.accum, self.epoch, self.position, self.layouts)
-        for item in self._items(steps):
+        for item in self._items():
             self._note_corrupt(item["corrupt_shards"])
             if (item["epoch"], item["step"] * self.source.accum) != (self.epoch, self.position):
                 raise RuntimeError(f"loader got step {item['step']} of epoch {item['epoch']}, expected batch "

@@ -163,15 +163,21 @@ def test_shuffle_buffer_order_is_a_local_permutation():
     assert np.array_equal(order, shuffle_buffer_order(1000, 50, np.random.default_rng(0)))
 
 
+def padded_dataset(tmp_path, damaged: bool):
+    """44 clips of 4 frames in 4 shards (one truncated if ``damaged``) and a 2-worker config that crops them
+    to 2 frames and pads the epoch: 6 batches per rank of 2."""
+    root = build_dataset(tmp_path / "ds", [9, 14, 6, 15], frames=[4] * 44)
+    if damaged:
+        damage(root / "train-000001.tar", "truncate")
+    return root, config(root, num_workers=2, crop_frames=2, drop_last=False)
+
+
 @pytest.mark.filterwarnings("ignore::data_pipeline.loader.CorruptShardWarning")
 @pytest.mark.parametrize("damaged", [False, True])
 def test_exact_resume_two_ranks_two_workers(tmp_path, damaged):
     # 44 clips of 4 frames cropped to 2 (seeded offsets are part of what must resume); padding on:
     # 6 batches per rank, 3 from each worker. Damaged: the stand-ins for a corrupt shard resume too.
-    root = build_dataset(tmp_path / "ds", [9, 14, 6, 15], frames=[4] * 44)
-    if damaged:
-        damage(root / "train-000001.tar", "truncate")
-    cfg = config(root, num_workers=2, crop_frames=2, drop_last=False)
+    root, cfg = padded_dataset(tmp_path, damaged)
     for rank in range(2):
         reference = take(make_loader(cfg, rank, 2), 15)
         assert [b["epoch"] for b in reference] == [0] * 6 + [1] * 6 + [2] * 3
