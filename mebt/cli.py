@@ -39,6 +39,16 @@ def run_train(cfg) -> int:
     return REQUEUE_EXIT_CODE if result["preempted"] else 0
 
 
+def run_plan(job) -> None:
+    from mebt.fsutil import write_json
+    from mebt.train.plan import format_plan, plan
+
+    result = plan(job)
+    print(format_plan(result))
+    if job.json:
+        write_json(job.json, result)
+
+
 def run_launch_local(job) -> int:
     from launchers.local import launch_local
 
@@ -263,6 +273,13 @@ COMMANDS = [
             "under torchrun, the deepspeed launcher or srun (the same command). A run directory holding a "
             "checkpoint is resumed automatically; SIGTERM/SIGUSR1/SIGUSR2 checkpoint and exit with code 75. "
             "model.latent_shape and model.vocab_size default to the dataset's.", prepare=_train_defaults),
+    Command(("plan",), "mebt.train.plan:PlanJob", run_plan,
+            "memory, time and communication per GPU of a training config on a cluster, with warnings",
+            "Before a job starts: per-GPU memory (weights, gradients, optimizer partitions, buckets, activations "
+            "with and without checkpointing, the loss chunk), FLOPs and time per step, ZeRO communication, the "
+            "clip-length curriculum at the first and last step, and warnings (does not fit, communication-bound, "
+            "curriculum never reaches full length, checkpointing unnecessary). E.g. `mebt plan --config "
+            "sky_128f --gpus 32 --gpu h100-80gb --interconnect 400gbps`.", prepare=_train_defaults),
     Command(("launch", "slurm", "train"), "launchers.slurm:SlurmTrainJob", run_launch_slurm_train,
             "mebt train on NODES x TASKS processes, requeued after preemption",
             "The same config as `mebt train` plus the SLURM options; checked before submitting. The resolved "

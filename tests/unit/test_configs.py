@@ -124,3 +124,25 @@ def test_resume_from_names_a_checkpoint_tag():
     with pytest.raises(ConfigError, match="--resume-from must name a checkpoint tag such as global_step500, got "
                                           "'step5'"):
         load_config(RunConfig, None, ["data.data_dir=codes", "resume_from=step5"])
+
+
+def test_zero_communication_follows_the_model_size_and_extra_keys_still_win():
+    from mebt.train.config import BUCKET_MIN, model_params
+
+    def zero(name, *overrides):
+        cfg = load_config(RunConfig, f"configs/{name}.yaml", ["data.data_dir=codes", *overrides])
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=None))
+        return cfg, deepspeed_config(cfg, 32, "cuda")["zero_optimization"]
+
+    cfg, paper = zero("paper")
+    # ~16 buckets per backward pass instead of DeepSpeed's one 5e8-element bucket (larger than the model).
+    assert paper["overlap_comm"] and paper["contiguous_gradients"]
+    assert paper["reduce_bucket_size"] == paper["allgather_bucket_size"] == model_params(cfg.model) // 16
+    assert 20e6 < paper["reduce_bucket_size"] < 22e6
+    _, three = zero("paper", "deepspeed.zero_stage=3")
+    assert three["stage3_prefetch_bucket_size"] == paper["reduce_bucket_size"]
+    assert three["stage3_param_persistence_threshold"] == 10 * 1024
+    assert zero("tiny")[1]["reduce_bucket_size"] == BUCKET_MIN   # a small model: one bucket
+    assert zero("tiny", "deepspeed.zero_stage=0")[1] == {"stage": 0}
+    _, mine = zero("paper", 'deepspeed.extra={"zero_optimization": {"overlap_comm": false}}')
+    assert mine["overlap_comm"] is False and mine["reduce_bucket_size"] == paper["reduce_bucket_size"]
