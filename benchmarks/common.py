@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +31,29 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds (for tests)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 with --quick)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="CPU thread counts for torch, one table each (default on CPU: 1 and all cores; "
+                             "1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each case, interleaved with the other cases (min and median)")
+
+
+def thread_counts(args: argparse.Namespace, device: torch.device) -> list[int]:
+    """The thread counts to run the tables at. One thread shows the arithmetic without thread stalls (on a
+    busy machine every parallel region can wait for a descheduled worker: 100x slowdowns were seen), all
+    cores what a user gets; --quick's tiny ops gain nothing from threads."""
+    if args.threads:
+        return list(dict.fromkeys(args.threads))
+    if args.quick:
+        return [1]
+    return [torch.get_num_threads()] if device.type == "cuda" else list(dict.fromkeys([1, os.cpu_count() or 1]))
 
 
 @contextlib.contextmanager
-def cpu_threads(args: argparse.Namespace):
-    """Run with ``--threads`` CPU threads, restoring the process-wide setting afterwards.
-
-    --quick uses one thread: its tiny ops gain nothing from parallelism, and on a busy machine every
-    parallel region can stall waiting for a descheduled worker thread (100x slowdowns were seen).
-    """
-    threads = args.threads or (1 if args.quick else None)
+def cpu_threads(threads: int):
+    """Run with ``threads`` CPU threads, restoring the process-wide setting afterwards."""
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -99,6 +108,23 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(cases: dict, repeats: int, device: torch.device, budget_s: float = float("inf")) -> dict[str, dict]:
+    """Time every case ``repeats`` times, in turn (A, B, C, A, B, C, ...), so that a change of load on a
+    shared machine hits every case alike: per case, the seconds of each run, their min and median. A case
+    whose runs took ``budget_s`` in all gets no more (every case runs at least once)."""
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            if not runs[name] or sum(runs[name]) < budget_s:
+                runs[name].append(seconds(fn, device))
+    return {name: {"min": min(t), "median": statistics.median(t), "runs": t} for name, t in runs.items()}
+
+
+def min_median(timing: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """"min / median" of an ``interleaved`` entry, times ``scale`` (e.g. 1000 for ms, 1/batch per sample)."""
+    return f"{timing['min'] * scale:.{digits}f} / {timing['median'] * scale:.{digits}f}"
+
+
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else float("inf")
 
@@ -117,9 +143,18 @@ def print_target(label: str, measured: float, op: str, target: float) -> None:
 
 
 def run_benchmark(args: argparse.Namespace, run: Callable[[argparse.Namespace, Setup], dict]) -> dict:
-    """Run ``run(args, setup)`` with the requested CPU threads; write its result to ``--json`` if given."""
-    with cpu_threads(args):
-        result = run(args, setup(args))
+    """Run ``run(args, setup)`` once per thread count (``thread_counts``), recording the load average before
+    and after each; write the results to ``--json`` if given: {"benchmark", "runs": [run's dict + threads,
+    load_before, load_after]}."""
+    env = setup(args)
+    runs = []
+    for threads in thread_counts(args, env.device):
+        with cpu_threads(threads):
+            load = os.getloadavg()[0]
+            print(f"--- {threads} thread(s), load average {load:.2f}", flush=True)
+            result = run(args, env)
+            runs.append({**result, "threads": threads, "load_before": load, "load_after": os.getloadavg()[0]})
+    result = {"benchmark": runs[0]["benchmark"], "runs": runs}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, result)

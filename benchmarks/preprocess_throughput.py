@@ -40,8 +40,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=1, help="preprocessing worker processes")
     p.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 with --quick)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="CPU thread counts for torch, one table each (default on CPU: 1 and all cores; 1 with --quick)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv)
 

@@ -11,11 +11,20 @@ what was allocated before it is reported too.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from benchmarks.common import Setup, add_common_args, autocast, print_table, print_target, ratio, run_benchmark, seconds
+from benchmarks.common import (
+    Setup,
+    add_common_args,
+    autocast,
+    interleaved,
+    print_table,
+    print_target,
+    ratio,
+    run_benchmark,
+    seconds,
+)
 from mebt.core.baselines import FullAttentionTransformer
 from mebt.core.model import MeBT, MeBTConfig
 from mebt.core.objective import chunked_masked_loss
@@ -63,9 +72,9 @@ def saved_activation_bytes(model, batch, bf16: bool) -> int:
     return sum(saved.values())
 
 
-def measure(model, batch, bf16: bool, iters: int, budget_s: float) -> dict:
+def memory(model, batch, bf16: bool) -> dict:
+    """Activation memory of one step; the pass doubles as warm-up (allocator, kernel selection)."""
     device = batch[0].device
-    # The memory pass doubles as warm-up (allocator, kernel selection).
     out = {"saved_mib": saved_activation_bytes(model, batch, bf16) / MIB}
     if device.type == "cuda":
         model.zero_grad(set_to_none=True)
@@ -73,12 +82,6 @@ def measure(model, batch, bf16: bool, iters: int, budget_s: float) -> dict:
         before = torch.cuda.memory_allocated(device)
         seconds(lambda: train_step(model, batch, bf16), device)
         out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / MIB
-    # Slow cases (full attention at large N on a CPU) stop early once they have used their time budget.
-    times = [seconds(lambda: train_step(model, batch, bf16), device)]
-    while len(times) < iters and sum(times) < budget_s:
-        times.append(seconds(lambda: train_step(model, batch, bf16), device))
-    out["ms"] = 1000 * statistics.median(times)
-    out["iters"] = len(times)
     return out
 
 
@@ -86,11 +89,13 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=None,
                    help="sequence lengths N, multiples of 256 (default 1024 2048 4096 8192)")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations per case (median reported)")
+    p.add_argument("--iters", dest="repeats", type=int, help="the same as --repeats: timed steps per case, every "
+                   "case in turn (min and median reported; default 5)")
     p.add_argument("--budget", type=float, default=30.0,
-                   help="seconds after which a case stops adding timed iterations (at least one is run)")
+                   help="seconds after which a case stops adding timed steps (at least one is run)")
     p.add_argument("--batch-size", type=int, default=1)
     add_common_args(p)
+    p.set_defaults(repeats=5)
     args = p.parse_args(argv)
     if args.tokens is None:
         args.tokens = [256, 512] if args.quick else [1024, 2048, 4096, 8192]
@@ -108,9 +113,12 @@ def main(argv=None) -> dict:
 def run(args: argparse.Namespace, env: Setup) -> dict:
     device, bf16 = env.device, env.bf16
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"{env.header()}; batch {args.batch_size}; mask ratio 0.5")
+    print(f"{env.header()}; batch {args.batch_size}; mask ratio 0.5; {args.repeats} interleaved steps per case "
+          "(min / median; time ratios from the min)")
 
-    rows = []
+    # Every (N, model) case is built first and then timed in turn, one step each round: the sizes are
+    # compared under the same load (timed minutes apart, time(8192)/time(1024) ranged 2.1 to 42.5 here).
+    rows, steps = [], {}
     for n in args.tokens:
         cfg = MeBTConfig(latent_shape=(n // 256, 16, 16), numerics="preln", **env.dims)
         batch = make_batch(n, args.batch_size, cfg.vocab_size, device, generator)
@@ -118,21 +126,25 @@ def run(args: argparse.Namespace, env: Setup) -> dict:
         for name, cls in MODELS.items():
             torch.manual_seed(args.seed)
             model = cls(cfg).to(device).train()
-            row[name] = measure(model, batch, bf16, args.iters, args.budget)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            row[name] = memory(model, batch, bf16)
+            steps[n, name] = lambda model=model, batch=batch: train_step(model, batch, bf16)
+        rows.append(row)
+    timing = interleaved(steps, args.repeats, device, budget_s=args.budget)
+    for row in rows:
+        for name in MODELS:
+            t = timing[row["tokens"], name]
+            row[name].update(ms=1000 * t["min"], ms_median=1000 * t["median"], iters=len(t["runs"]))
         row["time_ratio"] = ratio(row["full"]["ms"], row["mebt"]["ms"])
         row["mem_ratio"] = ratio(row["full"]["saved_mib"], row["mebt"]["saved_mib"])
-        rows.append(row)
-        print(f"  N={n}: mebt {row['mebt']['ms']:.1f} ms, full {row['full']['ms']:.1f} ms", flush=True)
+        print(f"  N={row['tokens']}: mebt {row['mebt']['ms']:.1f} ms, full {row['full']['ms']:.1f} ms", flush=True)
 
     cuda = device.type == "cuda"
-    headers = ["N", "mebt ms", "full ms", "time ratio", "mebt MiB", "full MiB", "mem ratio"]
+    headers = ["N", "mebt ms min / med", "full ms min / med", "time ratio", "mebt MiB", "full MiB", "mem ratio"]
     headers += ["mebt peak MiB", "full peak MiB"] if cuda else []
     table = []
     for r in rows:
-        cells = [str(r["tokens"]), f"{r['mebt']['ms']:.1f}", f"{r['full']['ms']:.1f}", f"{r['time_ratio']:.2f}",
+        cells = [str(r["tokens"]), f"{r['mebt']['ms']:.1f} / {r['mebt']['ms_median']:.1f}",
+                 f"{r['full']['ms']:.1f} / {r['full']['ms_median']:.1f}", f"{r['time_ratio']:.2f}",
                  f"{r['mebt']['saved_mib']:.1f}", f"{r['full']['saved_mib']:.1f}", f"{r['mem_ratio']:.2f}"]
         cells += [f"{r['mebt']['peak_mib']:.1f}", f"{r['full']['peak_mib']:.1f}"] if cuda else []
         table.append(cells)

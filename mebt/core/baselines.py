@@ -158,3 +158,21 @@ class AutoregressiveTransformer(_Backbone):
             if return_logits:
                 all_logits.append(step_logits)
         return (codes, torch.cat(all_logits, dim=1)) if return_logits else codes
+
+    @torch.no_grad()
+    def generate_sliding(self, batch_size: int, frames: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B, frames x H' x W'] codes for a video longer than the model's window of T' latent frames (TATS's
+        long-video sampling): the first window as ``generate``, then one latent frame at a time, each
+        generated after a prefill of the T'-1 frames before it (the window's positions start over each time).
+        """
+        window, per_frame = self.cfg.latent_shape[0], self.cfg.block_size // self.cfg.latent_shape[0]
+        if frames < window:
+            raise ValueError(f"frames ({frames}) must be at least the model's window of {window} latent frames")
+        codes = self.generate(batch_size, temperature, top_k, generator=generator)
+        parts = [codes]
+        for _ in range(frames - window):
+            codes = self.generate(batch_size, temperature, top_k, prefix=codes[:, per_frame:], generator=generator)
+            parts.append(codes[:, -per_frame:])
+        return torch.cat(parts, dim=1)
+

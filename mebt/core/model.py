@@ -174,8 +174,10 @@ class ContextCache:
         """Compute the entries of the contexts ``ctx_idx`` [B, N_ctx] that are missing or out of date."""
         if self.code is None or self.code.shape != codes.shape:
             self.code = torch.full_like(codes, -1)
-            like = model.pos_emb
-            self.kv = {i: tuple(like.new_empty(*codes.shape, like.shape[-1]) for _ in "kv")
+            like, device = model.pos_emb, model.pos_emb.device.type
+            # Under autocast the projections come out in its dtype: kept as they are, attention reads the same.
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
+            self.kv = {i: tuple(like.new_empty(*codes.shape, like.shape[-1], dtype=dtype) for _ in "kv")
                        for i, kind in enumerate(model.kinds) if kind == "latent_enc"}
         now = codes.gather(1, ctx_idx)
         b, c = (self.code.gather(1, ctx_idx) != now).nonzero(as_tuple=True)   # ragged: flat (sample, slot) pairs

@@ -80,7 +80,7 @@ def test_convert_official_cli_writes_a_loadable_model(tmp_path, capsys):
 def test_bench_cli_runs_a_benchmark(tmp_path):
     path = tmp_path / "bench.json"
     assert main(["bench", "train-scaling", "--quick", "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["rows"]
+    rows = json.loads(path.read_text())["runs"][0]["rows"]
     assert [r["tokens"] for r in rows] == [256, 512]
 
 

@@ -122,3 +122,19 @@ def test_kv_cache_appends_and_refuses_overflow():
     assert k.shape == (1, 2, 3, 4) and k[0, 0, 2, 0] == 2.0 and v[0, 0, 0, 0] == 0.0
     with pytest.raises(ValueError, match="cannot append"):
         cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+
+
+def test_sliding_window_generation_makes_one_frame_at_a_time_after_the_previous_window():
+    # A 2-frame window of 12 codes per frame makes 5 frames: the first window, then each frame generated
+    # after a prefill of the one frame before it (TATS's long-video sampling).
+    model = AutoregressiveTransformer(tiny_cfg()).eval()
+    codes = model.generate_sliding(B, 5, generator=torch.Generator().manual_seed(4))
+    assert codes.shape == (B, 60) and codes.min() >= 0 and codes.max() < V
+    g = torch.Generator().manual_seed(4)
+    window = model.generate(B, generator=g)
+    assert torch.equal(codes[:, :24], window)
+    for frame in range(2, 5):   # the same random stream, continued frame by frame
+        window = model.generate(B, prefix=codes[:, (frame - 1) * 12:frame * 12], generator=g)
+        assert torch.equal(codes[:, frame * 12:(frame + 1) * 12], window[:, 12:])
+    with pytest.raises(ValueError, match="at least the model's window"):
+        model.generate_sliding(B, 1)

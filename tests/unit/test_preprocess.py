@@ -150,9 +150,10 @@ def test_a_worker_error_stops_the_run(data, tmp_path):
 
 def test_throughput_benchmark_quick_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    returned = preprocess_throughput.main(["--quick", "--json", str(path)])
-    assert json.loads(path.read_text()) == returned
-    assert returned["clips"] == 8 and returned["size"] == "quick"
+    saved = preprocess_throughput.main(["--quick", "--json", str(path)])
+    assert json.loads(path.read_text()) == saved
+    [returned] = saved["runs"]   # --quick: one thread count, one table
+    assert returned["clips"] == 8 and returned["size"] == "quick" and returned["threads"] == 1
     for rate in ("decode_clips_per_s", "encode_clips_per_s", "preprocess_clips_per_s"):
         assert returned[rate] > 0
     assert "preprocess end to end" in capsys.readouterr().out
