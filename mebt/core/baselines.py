@@ -34,7 +34,7 @@ class _Backbone(nn.Module):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
 
     def _blocks(self, x: torch.Tensor, causal: bool, caches=None) -> torch.Tensor:
-        recompute = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
+        recompute = self.cfg.grad_checkpoint is True and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:
                 x = checkpoint(block, x, None, causal, use_reentrant=False)

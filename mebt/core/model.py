@@ -52,7 +52,9 @@ class MeBTConfig:
     n_latent: int = 256
     dropout: float = 0.0
     numerics: Literal["official", "preln"] = "official"
-    grad_checkpoint: bool = False                       # recompute each block in backward
+    # Recompute each block in backward. "auto": `mebt train` turns it on only when the planner's memory
+    # estimate needs it (mebt.train.plan); a model built directly treats "auto" as off.
+    grad_checkpoint: bool | Literal["auto"] = False
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_embd", "n_head", "n_latent"):
@@ -217,7 +219,7 @@ class MeBT(nn.Module):
         self.apply(init_weights)
 
     def _block(self, i: int, x, kv):
-        if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+        if self.cfg.grad_checkpoint is True and self.training and torch.is_grad_enabled():
             return checkpoint(self.blocks[i], x, kv, use_reentrant=False)
         return self.blocks[i](x, kv)
 

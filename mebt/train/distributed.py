@@ -110,6 +110,11 @@ def init_process_group(device: torch.device) -> None:
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
 
 
+def gpu_memory(device: torch.device) -> int | None:
+    """The device's memory in bytes; None for a CPU (no fixed limit to plan against)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def close_process_group() -> None:
     """Tear down a multi-process group before a process exits on an error: left to interpreter shutdown,
     gloo's threads sometimes abort the process ("terminate called without an active exception", SIGABRT)

@@ -28,6 +28,7 @@ import os
 import resource
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,9 +47,11 @@ from mebt.fsutil import seed_everything, write_json, write_text
 from mebt.logs import ensure_logging
 from mebt.train import checkpoint as train_checkpoint
 from mebt.train.config import RunConfig, deepspeed_config, elastic_layout
-from mebt.train.distributed import StopVote, init_process_group, pick_device, resolve_env
+from mebt.train.distributed import StopVote, gpu_memory, init_process_group, pick_device, resolve_env
 from mebt.train.metrics_sync import HISTORY, PREFIX, history_points
 from mebt.train.optim import lr_scheduler
+from mebt.train.phase_timer import PhaseTimer
+from mebt.train.plan import resolve_checkpointing
 from mebt.train.resume_config import CHANGES_FILE, check_resume, record_changes
 from mebt.train.run_lock import RunDirLock
 from mebt.train.samples import SampleWriter
@@ -195,7 +198,9 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     import deepspeed
 
     seed_everything(tc.seed)   # the same initial weights on every rank
-    model = MeBT(cfg.model)
+    checkpointing, why = resolve_checkpointing(layout, env.world_size, gpu_memory(device))
+    log.info(f"activation checkpointing {'on' if checkpointing else 'off'} ({why})")
+    model = MeBT(replace(cfg.model, grad_checkpoint=checkpointing))
     n_params = model.num_params()   # before ZeRO-3 partitions the parameters into empty placeholders
     optimizer = cfg.optim.adamw(param_groups(model, cfg.optim.weight_decay))
     scheduler = lr_scheduler(cfg.optim, optimizer, tc.steps)
@@ -248,6 +253,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
     # The first step whose loss was not finite (0: none), kept on the device and read where the loop reads
     # anyway (log and checkpoint steps): NaN weights are never checkpointed, and no step waits for the host.
     bad_step = torch.zeros((), dtype=torch.int64, device=device)
+    phases = PhaseTimer(device)
 
     def stop_if_not_finite() -> None:
         first = bad_step.clone()
@@ -278,9 +284,13 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
             masks = sample_masks(cfg.objective, len(codes), cfg.model.latent_shape, state.step,
                                  shared=torch.Generator().manual_seed(shared_seed),
                                  sample_seeds=slot_seeds(tc.seed, batch["epoch"], batch["sample_id"]))
+            marks = [phases.mark()]
             loss, metrics = engine(codes, masks.ctx_idx.to(device), masks.tgt_idx.to(device), masks.n_masked)
+            marks.append(phases.mark())
             engine.backward(loss)
+            marks.append(phases.mark())
             engine.step()
+            phases.add(marks + [phases.mark()])
             loss = loss.detach().double()
             step_loss += loss
             state.window.acc1 += metrics["acc1"] / accum
@@ -289,6 +299,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
             state.window.tokens += (n_ctx + n_tgt) * len(codes)   # fewer than the grid under a length curriculum
             trace.add(state.step + 1, loss, metrics["acc1"], batch["key"])
         state.step += 1
+        phases.step()
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(step_loss), state.step, bad_step)
         state.window.add_step(step_loss / accum)
         bar.update(1)
@@ -296,6 +307,7 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
         if state.step % tc.log_every == 0 or state.step == tc.steps:
             record = _log_record(state.window, state.step, engine, env.world_size, ds_config["train_batch_size"],
                                  device, peak)
+            record.update(phases.collect())   # this process's forward / backward / optimizer seconds per step
             trace.flush()
             history.write(record)
             final_loss = record["loss"]
@@ -303,7 +315,9 @@ def train(cfg: RunConfig, early_signals: list[str] | None = None) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc1']:.3f}")
             log.info(f"step {state.step}/{tc.steps}: loss {record['loss']:.4f}, acc1 {record['acc1']:.4f}, "
                      f"lr {record['lr']:.3g}, {record['samples_per_s']:.1f} clips/s, "
-                     f"{record['step_time_s']:.3f} s/step (data wait {record['data_wait_s'] * 1000:.1f} ms)"
+                     f"{record['step_time_s']:.3f} s/step (data wait {record['data_wait_s'] * 1000:.1f} ms, forward "
+                     f"{record['forward_s'] * 1000:.0f} / backward {record['backward_s'] * 1000:.0f} / optimizer "
+                     f"{record['optimizer_s'] * 1000:.0f} ms)"
                      + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
             state.new_window()
             stop_if_not_finite()

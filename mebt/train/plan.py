@@ -188,31 +188,57 @@ def comm_bytes(params: int, stage: int, precision: str, gpus: int, accum: int) -
     return 3 * ring * accum   # ZeRO-3: weights gathered for forward and backward, gradients reduce-scattered
 
 
+def memory_per_gpu(cfg: RunConfig, gpus: int) -> dict:
+    """Bytes per GPU: model states, buckets, loss chunk, activations (with and without checkpointing) and the
+    totals, for ``cfg`` on ``gpus`` GPUs."""
+    ds = cfg.deepspeed
+    params = model_params(cfg.model)
+    with torch.device("meta"):
+        from mebt.core.model import MeBT
+
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in MeBT(cfg.model).modules())
+    zero = deepspeed_config(cfg, gpus, "cuda")["zero_optimization"]
+    width = 4 if ds.precision == "fp32" else 2
+    buckets = (2 if zero.get("overlap_comm") else 1) * zero.get("reduce_bucket_size", 0) * width \
+        + zero.get("allgather_bucket_size", 0) * width
+    n_ctx, n_tgt = worst_split(cfg)
+    micro = cfg.data.batch_size
+    memory = {"model_states": model_state_bytes(params, largest, ds.zero_stage, ds.precision, gpus,
+                                                ds.offload_optimizer),
+              "buckets": buckets, "loss_chunk": loss_chunk_bytes(cfg.model, cfg.objective.loss_chunk_rows, n_tgt),
+              "activations": micro * activation_bytes(cfg.model, n_ctx, n_tgt, ds.precision, False),
+              "activations_checkpointed": micro * (activation_bytes(cfg.model, n_ctx, n_tgt, ds.precision, True)
+                                                   + recompute_bytes(cfg.model, n_ctx, n_tgt, ds.precision))}
+    fixed = memory["model_states"] + buckets + memory["loss_chunk"]
+    return {**memory, "total": fixed + memory["activations"],
+            "total_checkpointed": fixed + memory["activations_checkpointed"], "worst_split": [n_ctx, n_tgt]}
+
+
+def resolve_checkpointing(cfg: RunConfig, gpus: int, capacity: int | None) -> tuple[bool, str]:
+    """``model.grad_checkpoint`` as a bool, and why: ``auto`` turns it on only when the estimated memory without
+    it exceeds ``FIT`` of ``capacity`` bytes (the GPU's; None on a CPU, where it stays off)."""
+    setting = cfg.model.grad_checkpoint
+    if setting != "auto":
+        return bool(setting), "set in the config"
+    if capacity is None:
+        return False, "auto: off on a CPU"
+    need = memory_per_gpu(cfg, gpus)["total"]
+    on = need > FIT * capacity
+    return on, (f"auto: {'on' if on else 'off'}, ~{need / GIB:.1f} GiB per GPU without it, "
+                f"{FIT * capacity / GIB:.1f} GiB usable")
+
+
 def plan(job: PlanJob) -> dict:
     """The plan as a dict (what ``format_plan`` prints)."""
     cfg, gpu = job, GPUS[job.gpu]
     ds = cfg.deepspeed
     accum = deepspeed_config(job, job.gpus, "cuda")["gradient_accumulation_steps"]
     params = model_params(cfg.model)
-    with torch.device("meta"):
-        from mebt.core.model import MeBT
-
-        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in MeBT(cfg.model).modules())
-    zero = deepspeed_config(job, job.gpus, "cuda")["zero_optimization"]
-    width = 4 if ds.precision == "fp32" else 2
-    buckets = (2 if zero.get("overlap_comm") else 1) * zero.get("reduce_bucket_size", 0) * width \
-        + zero.get("allgather_bucket_size", 0) * width
-    n_ctx, n_tgt = worst_split(cfg)
+    memory = memory_per_gpu(cfg, job.gpus)
+    n_ctx, n_tgt = memory.pop("worst_split")
     micro = cfg.data.batch_size
-    act = {False: micro * activation_bytes(cfg.model, n_ctx, n_tgt, ds.precision, False),
-           True: micro * (activation_bytes(cfg.model, n_ctx, n_tgt, ds.precision, True)
-                          + recompute_bytes(cfg.model, n_ctx, n_tgt, ds.precision))}
-    memory = {"model_states": model_state_bytes(params, largest, ds.zero_stage, ds.precision, job.gpus,
-                                                ds.offload_optimizer),
-              "buckets": buckets, "loss_chunk": loss_chunk_bytes(cfg.model, cfg.objective.loss_chunk_rows, n_tgt)}
-    fixed = sum(memory.values())
-    total = {ckpt: fixed + act[ckpt] for ckpt in (False, True)}
     capacity = gpu.memory_gib * GIB
+    checkpointing, why = resolve_checkpointing(cfg, job.gpus, capacity)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
     peak = peak_for_name(gpu.name, dtype)
     if peak is None:
@@ -220,7 +246,7 @@ def plan(job: PlanJob) -> dict:
     samples_per_gpu = micro * accum
     steps = {}
     for name, step in (("first", 0), ("last", cfg.train.steps)):
-        flops = mean_train_flops(cfg, step) * samples_per_gpu * (4 / 3 if cfg.model.grad_checkpoint else 1)
+        flops = mean_train_flops(cfg, step) * samples_per_gpu * (4 / 3 if checkpointing else 1)
         probs = clip_length_probs(cfg.objective.t_prior, cfg.model.latent_shape[0], step)
         steps[name] = {"step": step, "flops_per_gpu": flops, "compute_s": flops / (peak * job.mfu),
                        "mean_clip_frames": float((probs * torch.arange(1, len(probs) + 1)).sum()),
@@ -231,9 +257,8 @@ def plan(job: PlanJob) -> dict:
     out = {"gpus": job.gpus, "gpu": job.gpu, "interconnect": job.interconnect, "params": params,
            "global_batch": samples_per_gpu * job.gpus, "micro_batch": micro, "grad_accum": accum,
            "zero_stage": ds.zero_stage, "precision": ds.precision, "worst_split": [n_ctx, n_tgt],
-           "memory_bytes": {**memory, "activations": act[False], "activations_checkpointed": act[True],
-                            "total": total[False], "total_checkpointed": total[True], "capacity": capacity},
-           "grad_checkpoint": cfg.model.grad_checkpoint, "steps": steps, "comm_bytes": volume, "comm_s": comm_s,
+           "memory_bytes": {**memory, "capacity": capacity}, "grad_checkpoint": checkpointing,
+           "grad_checkpoint_setting": cfg.model.grad_checkpoint, "grad_checkpoint_why": why, "steps": steps, "comm_bytes": volume, "comm_s": comm_s,
            "bandwidth_bytes_s": bandwidth, "mfu": job.mfu}
     out["warnings"] = warnings_of(out, cfg)
     return out
@@ -244,10 +269,11 @@ def warnings_of(p: dict, cfg: RunConfig) -> list[str]:
     mem, ckpt = p["memory_bytes"], p["grad_checkpoint"]
     used = mem["total_checkpointed"] if ckpt else mem["total"]
     if used > FIT * mem["capacity"]:
-        fix = ("turn on model.grad_checkpoint" if not ckpt and mem["total_checkpointed"] <= FIT * mem["capacity"]
+        fix = ("set model.grad_checkpoint to true or auto"
+               if not ckpt and mem["total_checkpointed"] <= FIT * mem["capacity"]
                else "lower data.batch_size (and raise deepspeed.grad_accum), or use a higher ZeRO stage or more GPUs")
         out.append(f"does not fit: {used / GIB:.1f} GiB per GPU of {mem['capacity'] / GIB:.0f} GiB; {fix}")
-    elif ckpt and mem["total"] <= 0.85 * mem["capacity"]:
+    elif ckpt and p["grad_checkpoint_setting"] is True and mem["total"] <= 0.85 * mem["capacity"]:
         out.append(f"activation checkpointing unnecessary: {mem['total'] / GIB:.1f} GiB per GPU without it "
                    f"(of {mem['capacity'] / GIB:.0f} GiB); it costs ~1/3 more compute (model.grad_checkpoint=false)")
     for name, s in p["steps"].items():
@@ -283,7 +309,7 @@ def format_plan(p: dict) -> str:
              f"  activations                      {gib('activations')} "
              f"({gib('activations_checkpointed')} with activation checkpointing)",
              f"  total                            {gib('total')} ({gib('total_checkpointed')} with checkpointing; "
-             f"{'on' if p['grad_checkpoint'] else 'off'} in this config) of {mem['capacity'] / GIB:.0f} GiB"]
+             f"{'on' if p['grad_checkpoint'] else 'off'}: {p['grad_checkpoint_why']}) of {mem['capacity'] / GIB:.0f} GiB"]
     for name, s in p["steps"].items():
         lines.append(f"{name} step ({s['step']}): mean clip {s['mean_clip_frames']:.1f} latent frames, "
                      f"P(full length) {s['p_full_length']:.2g}; {s['flops_per_gpu'] / 1e12:.2f} TFLOP per GPU, "

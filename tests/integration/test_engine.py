@@ -186,8 +186,12 @@ def test_single_process_without_launcher_logs_metrics_and_samples(codes_dir, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10]
-    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "step_time_s", "peak_memory_mib"):
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "step_time_s", "peak_memory_mib", "forward_s",
+                "backward_s", "optimizer_s"):
         assert all(r[key] > 0 for r in records), key   # a broken timer or memory probe would give 0
+    # The phases are parts of a step (the window's step time also holds the data wait and the logging).
+    assert all(r["forward_s"] + r["backward_s"] + r["optimizer_s"] < r["step_time_s"] for r in records)
+    assert "forward" in done.stderr and " / optimizer " in done.stderr
     assert all(0 <= r["acc1"] <= 1 and r["data_wait_s"] >= 0 for r in records)
     assert records[1]["tokens_per_s"] == pytest.approx(
         records[1]["samples_per_s"] * 32, rel=1e-6)
@@ -232,6 +236,8 @@ def test_zero_stages_offload_and_activation_checkpointing_train_alike(codes_dir,
         assert done.returncode == 0, done.stderr[-3000:]
         losses[name] = [r["loss"] for r in trace(tmp_path / name, 0)]
         params |= set(re.findall(r"MeBT ([\d.]+)M params", done.stderr))
+        setting = "on (set in the config)" if "checkpointing" in name else "off (set in the config)"
+        assert f"activation checkpointing {setting}" in done.stderr
     assert len(params) == 1 and float(params.pop()) > 0   # not ZeRO-3's empty placeholders ("0.00M")
     # grad_accum 2 x batch 2 draws other masks, so its losses differ from the rest: 2 micro-batches per step,
     # the same under ZeRO 0 and 1.

@@ -9,8 +9,15 @@ from benchmarks.train_scaling import saved_activation_bytes
 from mebt.cli import main
 from mebt.config import load_config
 from mebt.core.model import MeBT, MeBTConfig
-from mebt.train.config import model_params
-from mebt.train.plan import PlanJob, activation_bytes, comm_bytes, model_state_bytes, plan
+from mebt.train.config import RunConfig, model_params
+from mebt.train.plan import (
+    PlanJob,
+    activation_bytes,
+    comm_bytes,
+    model_state_bytes,
+    plan,
+    resolve_checkpointing,
+)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -64,14 +71,23 @@ def test_the_plan_warns_about_the_paper_configs_as_published():
     # gaussian2 over 500k steps: the preferred clip length reaches 17.7 latent frames of 32.
     assert "the curriculum never reaches full clips: P(L=32) = 1.4e-12" in text
     assert sky["steps"]["last"]["mean_clip_frames"] == pytest.approx(17.7, abs=0.05)
-    assert "activation checkpointing unnecessary" in text and "communication-bound at the first step" in text
+    assert "communication-bound at the first step" in text
     assert sky["memory_bytes"]["total_checkpointed"] < sky["memory_bytes"]["total"] < 0.85 * 80 * 2 ** 30
+    # grad_checkpoint: auto (the paper configs) is off where the memory allows it, on where it does not.
+    assert not sky["grad_checkpoint"] and sky["grad_checkpoint_why"].startswith("auto: off, ~39.4 GiB")
+    small = plan(load_config(PlanJob, "configs/sky_128f.yaml", ["gpus=32", "gpu=a100-40gb"]))
+    assert small["grad_checkpoint"] and small["grad_checkpoint_why"].startswith("auto: on") and not any(
+        w.startswith("does not fit") for w in small["warnings"])
+    assert small["steps"]["last"]["flops_per_gpu"] == pytest.approx(4 / 3 * sky["steps"]["last"]["flops_per_gpu"])
+    forced = plan(load_config(PlanJob, "configs/sky_128f.yaml", ["gpus=32", "model.grad_checkpoint=true"]))
+    assert any(w.startswith("activation checkpointing unnecessary") for w in forced["warnings"])
     one_node = plan(load_config(PlanJob, "configs/sky_16f.yaml", ["gpus=8"]))
     assert one_node["bandwidth_bytes_s"] == 450e9 and not one_node["warnings"]   # NVLink, full clips, fits
     huge = plan(load_config(PlanJob, "configs/sky_128f.yaml", ["gpus=8", "gpu=a100-40gb", "data.batch_size=32"]))
     assert any(w.startswith("does not fit") and "lower data.batch_size" in w for w in huge["warnings"])
     off = plan(load_config(PlanJob, "configs/sky_128f.yaml", ["gpu=a100-40gb", "model.grad_checkpoint=false"]))
-    assert any(w.startswith("does not fit") and "turn on model.grad_checkpoint" in w for w in off["warnings"])
+    assert any(w.startswith("does not fit") and "set model.grad_checkpoint to true or auto" in w
+               for w in off["warnings"])
 
 
 def test_plan_command_prints_and_writes_json(tmp_path, capsys):
@@ -86,3 +102,13 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     assert "config key 'gpu' must be one of h100-80gb" in capsys.readouterr().err
     assert main(["plan", "--config", "taichi_16f", "--gpu", "v100-32gb"]) == 2
     assert "has no bf16 units" in capsys.readouterr().err
+
+
+def test_auto_checkpointing_is_resolved_from_the_gpus_memory():
+    cfg = load_config(RunConfig, "configs/sky_128f.yaml")
+    assert cfg.model.grad_checkpoint == "auto"
+    assert resolve_checkpointing(cfg, 32, 80 * 2 ** 30)[0] is False
+    assert resolve_checkpointing(cfg, 32, 40 * 2 ** 30)[0] is True
+    assert resolve_checkpointing(cfg, 32, None) == (False, "auto: off on a CPU")
+    fixed = load_config(RunConfig, "configs/sky_128f.yaml", ["model.grad_checkpoint=true"])
+    assert resolve_checkpointing(fixed, 32, 80 * 2 ** 30) == (True, "set in the config")
