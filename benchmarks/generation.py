@@ -42,9 +42,10 @@ from mebt.fsutil import seed_everything
 GRIDS = {"16f": (4, 16, 16), "128f": (32, 16, 16)}
 # --quick keeps the two lengths distinct but small; the presets' chunk counts (up to 32) and bootstrap (64)
 # still divide / fit these grids.
-QUICK_GRIDS = {"16f": (2, 8, 8), "128f": (8, 8, 8)}
+QUICK_GRIDS = {"16f": (2, 4, 4), "128f": (8, 4, 4)}
 WINDOW_FRAMES = 4   # 16 video frames at the tokenizer's 4x temporal downsampling
 TARGET_RATIO_128F = 10.0
+METHODS = ("mebt official", "mebt exact", "mebt 1-pass bootstrap", "AR", "AR 16f window")
 # FlopCounterMode knows the CUDA attention kernels; CPU attention is this op.
 _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
              lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)}
@@ -81,30 +82,35 @@ def cases(grid, name: str, batch: int, env: Setup, args, models: dict) -> dict[s
     out["AR"] = (n, lambda: models["ar"].generate(batch, generator=generator))
     if "window" in models:
         out["AR 16f window"] = (n, lambda: models["window"].generate_sliding(batch, grid[0], generator=generator))
-    return out
+    return {m: case for m, case in out.items() if m in args.methods}
 
 
 def time_grid(grid, names: list[str], env: Setup, args) -> list[dict]:
     """Rows (preset x batch size) for the presets ``names`` on one grid."""
     models = {"mebt": build(MeBT, grid, env, args.seed), "ar": build(AutoregressiveTransformer, grid, env, args.seed)}
-    if grid[0] > WINDOW_FRAMES:
+    if grid[0] > WINDOW_FRAMES and "AR 16f window" in args.methods:
         models["window"] = build(AutoregressiveTransformer, (WINDOW_FRAMES, *grid[1:]), env, args.seed)
     rows = []
     for name in names:
         flops = {}
         with torch.no_grad(), autocast(env.device, env.bf16):
             for method, (_, fn) in cases(grid, name, 1, env, args, models).items():
-                flops[method] = count_flops(fn)   # also the warm-up: one-time costs are not timed
+                # Also the warm-up: one-time costs are not timed. Without counting, a batch-1 run warms up.
+                flops[method] = count_flops(fn) if args.flops else (fn(), None)[1]
         for batch in args.batch_sizes:
             todo = cases(grid, name, batch, env, args, models)
             with torch.no_grad(), autocast(env.device, env.bf16):
                 timing = interleaved({m: fn for m, (_, fn) in todo.items()}, args.repeats, env.device)
             methods = {m: {"passes": todo[m][0], "seconds": timing[m], "samples_per_s": batch / timing[m]["min"],
                            "flops_per_sample": flops[m]} for m in todo}
-            official, exact, ar = (methods[m]["seconds"]["min"] for m in ("mebt official", "mebt exact", "AR"))
+            best = {m: t["seconds"]["min"] for m, t in methods.items()}
+
+            def over(a: str, b: str):   # None when --methods left one out
+                return ratio(best[a], best[b]) if a in best and b in best else None
+
             rows.append({"preset": name, "grid": list(grid), "tokens": grid[0] * grid[1] * grid[2], "batch": batch,
-                         "methods": methods, "exact_speedup": ratio(official, exact),
-                         "ar_over_official": ratio(ar, official), "ar_over_exact": ratio(ar, exact)})
+                         "methods": methods, "exact_speedup": over("mebt official", "mebt exact"),
+                         "ar_over_official": over("AR", "mebt official"), "ar_over_exact": over("AR", "mebt exact")})
             print(f"  {name} batch {batch}: " + ", ".join(f"{m} {min_median(t['seconds'])} s"
                                                            for m, t in methods.items()), flush=True)
     return rows
@@ -117,6 +123,9 @@ def parse_args(argv):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="batch sizes to time (default: 1 and the evaluator's 16 on a GPU; 1 on CPU, where "
                         "sampling is compute-bound and a batch only multiplies the time)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"methods to time (default: all of {', '.join(repr(m) for m in METHODS)})")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs (one more sample each)")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -137,15 +146,17 @@ def run(args: argparse.Namespace, env: Setup) -> dict:
                "GFLOP/s"]
     print_table(headers, [[r["preset"], str(r["tokens"]), str(r["batch"]), m, str(t["passes"]),
                            min_median(t["seconds"], 1 / r["batch"]), f"{t['samples_per_s']:.3g}",
-                           f"{t['flops_per_sample'] / 1e9:.1f}",
-                           f"{t['flops_per_sample'] * r['batch'] / t['seconds']['min'] / 1e9:.1f}"]
+                           *((f"{t['flops_per_sample'] / 1e9:.1f}",
+                              f"{t['flops_per_sample'] * r['batch'] / t['seconds']['min'] / 1e9:.1f}")
+                             if t["flops_per_sample"] else ("-", "-"))]
                           for r in rows for m, t in r["methods"].items()])
+    shown = lambda value: "-" if value is None else f"{value:.2f}"   # noqa: E731
     print_table(["preset", "batch", "official/exact", "AR/official", "AR/exact"],
-                [[r["preset"], str(r["batch"]), f"{r['exact_speedup']:.2f}", f"{r['ar_over_official']:.2f}",
-                  f"{r['ar_over_exact']:.2f}"] for r in rows])
-    long_rows = [r for r in rows if r["preset"].endswith("_128f")]
+                [[r["preset"], str(r["batch"]), shown(r["exact_speedup"]), shown(r["ar_over_official"]),
+                  shown(r["ar_over_exact"])] for r in rows])
+    long_rows = [r for r in rows if r["preset"].endswith("_128f") and r["ar_over_official"] is not None]
     if long_rows:
-        print("targets (the paper's claim for 128-frame videos):")
+        print("targets (the paper's claim for 128-frame videos, against the official procedure):")
         for r in long_rows:
             print_target(f"{r['preset']} batch {r['batch']} AR/mebt time", r["ar_over_official"], ">=",
                          TARGET_RATIO_128F)

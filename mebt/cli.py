@@ -24,6 +24,8 @@ BENCHMARKS = {
     "generation": ("benchmarks.generation", "generation time, MeBT sampling vs autoregressive with KV cache"),
     "preprocess": ("benchmarks.preprocess_throughput", "preprocessing clips/s: decode, tokenize, write shards"),
     "loader": ("benchmarks.loader_throughput", "streaming loader clips/s vs an in-memory bound"),
+    "pretokenized": ("benchmarks.pretokenized", "training from codes vs re-encoding (and decoding) every clip"),
+    "gpu": ("benchmarks.gpu_check", "the GPU check: paper-width MFU, MeBT vs full attention and AR, loader, one JSON"),
 }
 
 

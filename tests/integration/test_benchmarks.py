@@ -1,9 +1,12 @@
+import argparse
 import json
+import os
 
 import pytest
 import torch
 
-from benchmarks import generation, train_scaling
+from benchmarks import generation, gpu_check, pretokenized, train_scaling
+from benchmarks.common import thread_counts
 
 
 def test_train_scaling_quick_writes_consistent_json(tmp_path, capsys):
@@ -41,11 +44,11 @@ def test_generation_quick_times_every_method_interleaved_and_writes_consistent_j
     path = tmp_path / "gen.json"
     presets = ["sky_16f", "ucf_16f", "sky_128f"]
     before = torch.get_num_threads()
-    returned = generation.main(["--quick", "--presets", *presets, "--batch-sizes", "1", "2", "--threads", "1", "2",
+    returned = generation.main(["--quick", "--presets", *presets, "--batch-sizes", "1", "2", "--threads", "1",
                                 "--repeats", "2", "--json", str(path)])
-    assert torch.get_num_threads() == before           # the thread counts are not left behind
+    assert torch.get_num_threads() == before           # the thread count is not left behind
     assert json.loads(path.read_text()) == json.loads(json.dumps(returned))
-    assert returned["benchmark"] == "generation" and [r["threads"] for r in returned["runs"]] == [1, 2]
+    assert returned["benchmark"] == "generation" and [r["threads"] for r in returned["runs"]] == [1]
     for result in returned["runs"]:
         assert result["load_before"] >= 0 and result["load_after"] >= 0 and result["repeats"] == 2
         assert [(r["preset"], r["batch"]) for r in result["rows"]] == [(p, b) for p in presets for b in (1, 2)]
@@ -72,4 +75,44 @@ def test_generation_quick_times_every_method_interleaved_and_writes_consistent_j
     passes = {name: row["methods"]["mebt official"]["passes"] for name, row in by_name.items()}
     assert passes["ucf_16f"] > passes["sky_16f"]
     out = capsys.readouterr().out
-    assert "target >= 10" in out and "--- 2 thread(s), load average" in out and "min / med" in out
+    assert "target >= 10" in out and "--- 1 thread(s), load average" in out and "min / med" in out
+
+
+def test_tables_are_made_at_one_thread_and_all_cores_by_default():
+    cpu, quick = torch.device("cpu"), argparse.Namespace(threads=None, quick=True)
+    assert thread_counts(argparse.Namespace(threads=None, quick=False), cpu) == sorted({1, os.cpu_count()})
+    assert thread_counts(quick, cpu) == [1]
+    assert thread_counts(argparse.Namespace(threads=[2, 1, 2], quick=True), cpu) == [2, 1]
+    assert len(generation.parse_args(["--quick"]).methods) == 5 and generation.parse_args(["--quick"]).flops
+
+
+def test_pretokenized_quick_times_the_three_steps_and_estimates_the_paper_size(tmp_path, capsys):
+    path = tmp_path / "pre.json"
+    saved = pretokenized.main(["--quick", "--repeats", "2", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(saved))
+    [result] = saved["runs"]
+    assert [r["case"] for r in result["rows"]] == ["codes", "encode + step", "decode + resize + encode + step"]
+    for row in result["rows"]:
+        assert 0 < row["step_s"]["min"] <= row["step_s"]["median"] and row["cpu_s_per_clip"] > 0
+    assert result["rows"][0]["vs_codes"] == 1.0 and result["grid"] == [2, 4, 4]
+    # Counted, not timed: the released VQGAN's encoder against the paper MeBT's step, per clip.
+    by_frames = {r["frames"]: r for r in result["paper_estimate"]}
+    assert 0.05 < by_frames[16]["encode_share"] < by_frames[128]["encode_share"] < 0.2
+    assert by_frames[128]["encode_gflop"] == pytest.approx(8 * by_frames[16]["encode_gflop"], rel=0.01)
+    assert "CPU-core s / clip" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_every_section_at_a_tiny_size_into_one_json(tmp_path):
+    path = tmp_path / "gpu.json"
+    saved = gpu_check.main(["--quick", "--repeats", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(saved))
+    [result] = saved["runs"]
+    sections = result["sections"]
+    assert list(sections) == ["mfu", "train_scaling", "generation", "loader"]
+    assert not [name for name, s in sections.items() if "error" in s], sections
+    assert [(r["tokens"], r["batch"]) for r in sections["mfu"]["result"]] == [(256, 2), (512, 1)]
+    assert all(r["tflops_per_s"] > 0 and r["mfu"] is None for r in sections["mfu"]["result"])   # no peak on CPU
+    assert [r["tokens"] for r in sections["train_scaling"]["result"]["rows"]] == [256, 512]
+    methods = sections["generation"]["result"]["rows"][1]["methods"]
+    assert set(methods) == {"mebt official", "mebt exact", "AR"} and methods["AR"]["flops_per_sample"] is None
+    assert sections["loader"]["result"]["rows"][1]["clips_per_s"] > 0
