@@ -19,10 +19,11 @@ import traceback
 
 import torch
 
-from benchmarks import generation, loader_throughput, train_scaling
+from benchmarks import generation, train_scaling
 from benchmarks.common import Setup, add_common_args, describe_device, interleaved, run_benchmark, setup
 from mebt.core.flops import mebt_train_flops, mfu, peak_flops_per_s
 from mebt.core.model import MeBT, MeBTConfig
+from mebt.fsutil import write_json
 
 
 def mfu_rows(env: Setup, args) -> list[dict]:
@@ -47,6 +48,12 @@ def mfu_rows(env: Setup, args) -> list[dict]:
     return rows
 
 
+def loader_section(args) -> dict:
+    from benchmarks import loader_throughput   # imported here: pyarrow is not on every GPU image
+
+    return loader_throughput.main(["--quick"] if args.quick else ["--clips", "5000", "--epochs", "2"])
+
+
 def sections(env: Setup, args) -> dict:
     common = ["--repeats", str(args.repeats), "--seed", str(args.seed), "--threads", str(torch.get_num_threads())]
     common += ["--quick"] if args.quick else ["--paper-width"]
@@ -57,7 +64,7 @@ def sections(env: Setup, args) -> dict:
         "generation": lambda: generation.run(generation.parse_args(
             common[2:] + ["--presets", "sky_16f", "sky_128f", "--batch-sizes", "1", "--repeats", "1", "--no-flops",
                           "--methods", "mebt official", "mebt exact", "AR"]), env),
-        "loader": lambda: loader_throughput.main(["--quick"] if args.quick else ["--clips", "5000", "--epochs", "2"]),
+        "loader": lambda: loader_section(args),
     }
 
 
@@ -73,6 +80,8 @@ def run(args: argparse.Namespace, env: Setup) -> dict:
             traceback.print_exc()
             result["sections"][name] = {"error": f"{type(e).__name__}: {e}"}
         result["sections"][name]["seconds"] = time.perf_counter() - start
+        if args.json:   # what is done so far survives a check stopped at a time limit
+            write_json(args.json, {"benchmark": "gpu_check", "partial": True, "runs": [result]})
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
     return result
