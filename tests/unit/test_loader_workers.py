@@ -13,7 +13,7 @@ import torch
 
 from data_pipeline import shard_reader as reader_module
 from data_pipeline.loader import CorruptShardError, make_loader
-from tests.unit.test_loader import (
+from tests.helpers.loader import (
     assert_same_batches,
     build_dataset,
     config,
