@@ -425,20 +425,21 @@ def main(argv: list[str] | None = None) -> int:
         return args._command.run(cfg) or 0
     except UserError as e:
         say(f"mebt: error: {e}")
-        _leave_process_group()
         return 2
     except Interrupted as e:
         if str(e):
             say(str(e))
-        _leave_process_group()
         return e.code
     except KeyboardInterrupt:   # every long job keeps what it finished (shards, batches, features, stages)
         say("mebt: interrupted; finished work is kept: run the same command to resume")
-        _leave_process_group()
         return 130   # 128 + SIGINT, as a shell reports it
+    finally:
+        _leave_process_group()
 
 
 def _leave_process_group() -> None:
+    """On every exit, success included: left to interpreter shutdown, gloo's threads abort 2-process runs
+    now and then ("terminate called without an active exception", SIGABRT) after they finished."""
     if "deepspeed" in sys.modules:   # only a training process has a process group to tear down
         from mebt.train.distributed import close_process_group
 

@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except UserError as e:
         say(f"mebt: error: {e}")
-        close_process_group()
         return 2
     except KeyboardInterrupt:   # one line, from rank 0 only: every worker of a launch got the Ctrl-C
         if resolve_env().rank == 0:
             say(interrupted_line(cfg.train.run_dir))
-        close_process_group()
         return 130
+    finally:   # every exit: gloo's threads left to interpreter shutdown sometimes abort a finished process
+        close_process_group()
     return REQUEUE_EXIT_CODE if result["preempted"] else 0
 
 

@@ -116,9 +116,9 @@ def gpu_memory(device: torch.device) -> int | None:
 
 
 def close_process_group() -> None:
-    """Tear down a multi-process group before a process exits on an error: left to interpreter shutdown,
-    gloo's threads sometimes abort the process ("terminate called without an active exception", SIGABRT)
-    after its one-line error. A one-process group (in-process tests, one-process runs) is left for reuse."""
+    """Tear down a multi-process group before a process exits, on success or error: left to interpreter
+    shutdown, gloo's threads sometimes abort the process ("terminate called without an active exception",
+    SIGABRT) after it finished. A one-process group (in-process tests, one-process runs) is left for reuse."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
