@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from mebt.core.flops import mebt_train_flops, peak_for_name
-from mebt.core.model import MeBTConfig
+from mebt.core.model import MeBT, MeBTConfig
 from mebt.core.objective import MASK_SCHEDULES, clip_length_probs
 from mebt.errors import ConfigError
-from mebt.train.config import RunConfig, deepspeed_config, model_params
+from mebt.train.config import RunConfig, deepspeed_config
 
 GIB = 2 ** 30
 
@@ -192,11 +192,10 @@ def memory_per_gpu(cfg: RunConfig, gpus: int) -> dict:
     """Bytes per GPU: model states, buckets, loss chunk, activations (with and without checkpointing) and the
     totals, for ``cfg`` on ``gpus`` GPUs."""
     ds = cfg.deepspeed
-    params = model_params(cfg.model)
-    with torch.device("meta"):
-        from mebt.core.model import MeBT
-
-        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in MeBT(cfg.model).modules())
+    with torch.device("meta"):   # sizes only: no memory, no initialisation
+        model = MeBT(cfg.model)
+    params = model.num_params()
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     zero = deepspeed_config(cfg, gpus, "cuda")["zero_optimization"]
     width = 4 if ds.precision == "fp32" else 2
     buckets = (2 if zero.get("overlap_comm") else 1) * zero.get("reduce_bucket_size", 0) * width \
@@ -211,18 +210,21 @@ def memory_per_gpu(cfg: RunConfig, gpus: int) -> dict:
                                                    + recompute_bytes(cfg.model, n_ctx, n_tgt, ds.precision))}
     fixed = memory["model_states"] + buckets + memory["loss_chunk"]
     return {**memory, "total": fixed + memory["activations"],
-            "total_checkpointed": fixed + memory["activations_checkpointed"], "worst_split": [n_ctx, n_tgt]}
+            "total_checkpointed": fixed + memory["activations_checkpointed"], "worst_split": [n_ctx, n_tgt],
+            "params": params}
 
 
-def resolve_checkpointing(cfg: RunConfig, gpus: int, capacity: int | None) -> tuple[bool, str]:
+def resolve_checkpointing(cfg: RunConfig, gpus: int, capacity: int | None,
+                          memory: dict | None = None) -> tuple[bool, str]:
     """``model.grad_checkpoint`` as a bool, and why: ``auto`` turns it on only when the estimated memory without
-    it exceeds ``FIT`` of ``capacity`` bytes (the GPU's; None on a CPU, where it stays off)."""
+    it exceeds ``FIT`` of ``capacity`` bytes (the GPU's; None on a CPU, where it stays off). ``memory``:
+    ``memory_per_gpu(cfg, gpus)`` when the caller has it."""
     setting = cfg.model.grad_checkpoint
     if setting != "auto":
         return bool(setting), "set in the config"
     if capacity is None:
         return False, "auto: off on a CPU"
-    need = memory_per_gpu(cfg, gpus)["total"]
+    need = (memory or memory_per_gpu(cfg, gpus))["total"]
     on = need > FIT * capacity
     return on, (f"auto: {'on' if on else 'off'}, ~{need / GIB:.1f} GiB per GPU without it, "
                 f"{FIT * capacity / GIB:.1f} GiB usable")
@@ -232,13 +234,12 @@ def plan(job: PlanJob) -> dict:
     """The plan as a dict (what ``format_plan`` prints)."""
     cfg, gpu = job, GPUS[job.gpu]
     ds = cfg.deepspeed
-    accum = deepspeed_config(job, job.gpus, "cuda")["gradient_accumulation_steps"]
-    params = model_params(cfg.model)
+    accum = deepspeed_config(job, job.gpus, "cuda")["gradient_accumulation_steps"]   # deepspeed.extra may set it
     memory = memory_per_gpu(cfg, job.gpus)
-    n_ctx, n_tgt = memory.pop("worst_split")
-    micro = cfg.data.batch_size
     capacity = gpu.memory_gib * GIB
-    checkpointing, why = resolve_checkpointing(cfg, job.gpus, capacity)
+    checkpointing, why = resolve_checkpointing(cfg, job.gpus, capacity, memory)
+    params, (n_ctx, n_tgt) = memory.pop("params"), memory.pop("worst_split")
+    micro = cfg.data.batch_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
     peak = peak_for_name(gpu.name, dtype)
     if peak is None:
