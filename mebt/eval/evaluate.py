@@ -49,6 +49,7 @@ class EvalConfig:
     runs: int | None = None                # generated sets, each scored (default 1, or the protocol's)
     batch_size: int = 16
     frames: int | None = None              # score the first F decoded frames (default: all)
+    repeat_frames: int = 1                 # show I3D every frame R times (both sides): R=2 scores 8-frame samples
     i3d: str | None = None                 # I3D weights file; default: the standard TF-Hub network
     real_dir: str | None = None            # videos (split files) for the real statistics; without: no FVD
     real_split: str = "test"
@@ -64,7 +65,7 @@ class EvalConfig:
     fvd: bool = True                       # FVD/KVD with I3D (with --real-dir); --no-fvd: the code metrics only
 
     def __post_init__(self):
-        for key in ("batch_size", "num_shards", "grid_samples"):
+        for key in ("batch_size", "num_shards", "grid_samples", "repeat_frames"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -198,6 +199,19 @@ def real_clips(cfg: EvalConfig, frames: int, resolution: int, stride: int) -> np
     return np.stack(clips)
 
 
+def check_frames(cfg: EvalConfig, frames_made: int) -> None:
+    """The frames FVD scores: at most what the model makes, and enough for I3D once repeated."""
+    from mebt.eval.i3d import MIN_FRAMES
+
+    if cfg.frames and cfg.frames > frames_made:
+        raise UserError(f"--frames {cfg.frames} exceeds the {frames_made} frames the model generates")
+    frames = cfg.frames or frames_made
+    if frames * cfg.repeat_frames < MIN_FRAMES:
+        raise UserError(f"FVD of {frames}-frame samples: I3D needs at least {MIN_FRAMES} frames; pass --repeat-frames "
+                        f"{-(-MIN_FRAMES // frames)} (every frame shown that often, real clips too, as mebt demo "
+                        f"scores its 8-frame clips: comparable only with numbers scored the same way) or --no-fvd")
+
+
 def score(cfg: EvalConfig, samples: Path, i3d, device, info: dict) -> dict:
     """FVD/KVD of every batch's features (``mebt.eval.scoring``) against real clips of the same length."""
     from mebt.eval.scoring import generated_features, real_features
@@ -206,10 +220,9 @@ def score(cfg: EvalConfig, samples: Path, i3d, device, info: dict) -> dict:
     files = [_batch_file(samples, j) for j in range(_num_batches(cfg))]
     with np.load(files[0], allow_pickle=False) as first:
         frames_made, resolution = first["video"].shape[1], first["video"].shape[2]
-    if cfg.frames and cfg.frames > frames_made:
-        raise UserError(f"--frames {cfg.frames} exceeds the {frames_made} frames the model generates")
+    check_frames(cfg, frames_made)
     frames, stride = cfg.frames or frames_made, real_frame_stride(cfg, info)
-    generated = generated_features(files, frames, i3d, device)
+    generated = generated_features(files, frames, i3d, device, cfg.repeat_frames)
     base = {"real_dir": str(Path(cfg.real_dir).resolve()), "split": cfg.real_split, "resolution": resolution,
             "num_real": cfg.num_real, "seed": cfg.seed, "frame_stride": stride}
     decoded = {}   # each clip length decoded once, and only on a cache miss
@@ -219,9 +232,11 @@ def score(cfg: EvalConfig, samples: Path, i3d, device, info: dict) -> dict:
             if length not in decoded:
                 decoded[length] = real_clips(cfg, length, resolution, stride)
             return decoded[length]
-        return real_features({**base, "frames": length}, Path(cfg.cache_dir), clips, i3d, device, windows)
+        return real_features({**base, "frames": length}, Path(cfg.cache_dir), clips, i3d, device, windows,
+                             cfg.repeat_frames)
 
     return score_features(generated, real, cfg.protocol, cfg.runs, i3d, frames=frames, resolution=resolution,
+                          **({"repeat_frames": cfg.repeat_frames} if cfg.repeat_frames > 1 else {}),
                           real=cfg.num_real, real_dir=cfg.real_dir, real_split=cfg.real_split,
                           real_frame_stride=stride)
 
@@ -374,6 +389,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         from mebt.eval.i3d_weights import load_i3d
 
         i3d = load_i3d(cfg.i3d, numerics=get_protocol(cfg.protocol).i3d_numerics).to(device)
+        check_frames(cfg, model.cfg.latent_shape[0] * tokenizer.cfg.downsample[0])   # before any sampling
     out = eval_dir(cfg, info)
     log.info(f"evaluating {cfg.checkpoint} (step {info['step']}): {cfg.total_samples} samples in "
              f"{_num_batches(cfg)} batches ({len(_batches(cfg))} in this shard) -> {out}")
@@ -382,7 +398,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if i3d is not None:   # this process's share of the I3D work, next to its batches
         from mebt.eval.scoring import generated_features
 
-        generated_features([_batch_file(out / "samples", j) for j in _batches(cfg)], cfg.frames, i3d, device)
+        generated_features([_batch_file(out / "samples", j) for j in _batches(cfg)], cfg.frames, i3d, device,
+                           cfg.repeat_frames)
     seconds_sampling = time.perf_counter() - start
     if not samples_complete(cfg, out / "samples"):
         return {"complete": False, "out_dir": str(out), "message": "other shards' batches are missing; run again "

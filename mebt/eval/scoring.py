@@ -7,6 +7,9 @@ features are cached on disk, keyed by everything they depend on.
 
 Variants, for samples of T frames (``name`` is the metric suffix):
 - ``fvd{T}``/``kvd{T}``: whole samples against whole real clips of T frames (FVD16, FVD128).
+- ``fvd{T}x{R}``/``kvd{T}x{R}``, with every frame shown R times (``repeat``): clips too short for I3D
+  (T < 9, e.g. 8-frame samples as 16 frames), scored this way on both sides; only comparable with
+  numbers scored the same way. No window variants.
 - T > 16, ``fvd16_sliding_pooled``: every 16-frame window starting each 8 frames (the last full window
   included) of every sample, pooled into one set, against the same windows of the real clips.
 - T > 16, ``fvd16_start{s}`` and their mean ``fvd16_sliding_mean``: the official MeBT sliding FVD: one
@@ -53,33 +56,43 @@ def _save_npz(path: Path, **arrays) -> None:
         np.savez(tmp, **arrays)
 
 
-def features_dir(samples: Path, network: dict, frames: int) -> Path:
-    """Where the features of the sample batches live for this network, numerics and clip length."""
-    return samples.parent / "features" / _digest({"network": network, "frames": frames})
+def features_dir(samples: Path, network: dict, frames: int, repeat: int = 1) -> Path:
+    """Where the features of the sample batches live for this network, numerics, clip length and repeat."""
+    return samples.parent / "features" / _digest({"network": network, "frames": frames,
+                                                  **({"repeat_frames": repeat} if repeat > 1 else {})})
 
 
-def batch_features(videos: np.ndarray, i3d, device) -> dict[str, np.ndarray]:
-    """``full`` [n, 400] features of uint8 videos [n, T, H, W, 3], and ``windows`` [n, W, 400] when T > 16."""
-    out = {"full": i3d_features(i3d, torch.from_numpy(videos), device=device).astype(np.float32)}
-    if videos.shape[1] > WINDOW:
+def repeat_frames(videos: np.ndarray, repeat: int) -> np.ndarray:
+    """uint8 videos [n, T, H, W, 3] with every frame shown ``repeat`` times in a row: [n, T x repeat, ...]."""
+    return videos if repeat == 1 else np.repeat(videos, repeat, axis=1)
+
+
+def batch_features(videos: np.ndarray, i3d, device, repeat: int = 1) -> dict[str, np.ndarray]:
+    """``full`` [n, 400] features of uint8 videos [n, T, H, W, 3] (each frame shown ``repeat`` times), and
+    ``windows`` [n, W, 400] when T > 16 and frames are not repeated."""
+    out = {"full": i3d_features(i3d, torch.from_numpy(repeat_frames(videos, repeat)), device=device)
+           .astype(np.float32)}
+    if repeat == 1 and videos.shape[1] > WINDOW:
         windows = sliding_windows(videos, WINDOW, STRIDE)   # the windows of one video are consecutive
         feats = i3d_features(i3d, torch.from_numpy(windows), device=device).astype(np.float32)
         out["windows"] = feats.reshape(len(videos), -1, feats.shape[-1])
     return out
 
 
-def generated_features(batch_files: list[Path], frames: int | None, i3d, device) -> dict[str, np.ndarray]:
-    """Features of every listed sample batch (first ``frames`` frames), computing only the missing ones."""
+def generated_features(batch_files: list[Path], frames: int | None, i3d, device,
+                       repeat: int = 1) -> dict[str, np.ndarray]:
+    """Features of every listed sample batch (first ``frames`` frames, each shown ``repeat`` times), computing
+    only the missing ones."""
     folder = None
     parts: dict[str, list[np.ndarray]] = {}
     for path in tqdm(batch_files, desc="I3D features (generated)", unit="batch"):
         with np.load(path, allow_pickle=False) as batch:
             if folder is None:
                 frames = frames or batch["video"].shape[1]
-                folder = features_dir(path.parent, i3d.network, frames)
+                folder = features_dir(path.parent, i3d.network, frames, repeat)
             out = folder / path.name
             if not out.exists():
-                _save_npz(out, **batch_features(batch["video"][:, :frames], i3d, device))
+                _save_npz(out, **batch_features(batch["video"][:, :frames], i3d, device, repeat))
         with np.load(out, allow_pickle=False) as feats:
             for key in feats.files:
                 parts.setdefault(key, []).append(feats[key])
@@ -100,16 +113,19 @@ def cached_array(key: dict, cache_dir: Path, compute, what: str) -> np.ndarray:
     return array
 
 
-def real_features(key: dict, cache_dir: Path, clips, i3d, device, windows: bool = False) -> np.ndarray:
-    """I3D features of the real clips (pooled over sliding windows with ``windows``), cached on disk under
-    ``key`` (everything they depend on); ``clips()`` gives the uint8 clips on a cache miss."""
+def real_features(key: dict, cache_dir: Path, clips, i3d, device, windows: bool = False,
+                  repeat: int = 1) -> np.ndarray:
+    """I3D features of the real clips (pooled over sliding windows with ``windows``; each frame shown
+    ``repeat`` times), cached on disk under ``key`` (everything they depend on); ``clips()`` gives the uint8
+    clips on a cache miss."""
     def compute():
-        videos = clips()
+        videos = repeat_frames(clips(), repeat)
         if windows:
             videos = sliding_windows(videos, WINDOW, STRIDE)
         return i3d_features(i3d, torch.from_numpy(videos), device=device, desc="I3D features (real)")
 
-    return cached_array({**key, "windows": windows, "i3d": i3d.network}, cache_dir, compute,
+    extra = {"repeat_frames": repeat} if repeat > 1 else {}   # keys of unrepeated features stay as they were
+    return cached_array({**key, "windows": windows, "i3d": i3d.network, **extra}, cache_dir, compute,
                         "real features" + (" (sliding windows)" if windows else ""))
 
 
@@ -117,13 +133,16 @@ def score(generated: dict[str, np.ndarray], real_of, protocol_name: str, runs: i
     """Every metric variant over ``runs`` equal consecutive generated sets.
 
     ``real_of(frames, windows)`` gives the real features for clips of ``frames`` frames (pooled windows with
-    ``windows``). Returns {"metrics", "runs" (per-run values), "protocol" (the record)}.
+    ``windows``), shown as the generated ones were (``facts["repeat_frames"]`` times each frame). Returns
+    {"metrics", "runs" (per-run values), "protocol" (the record)}.
     """
     protocol = get_protocol(protocol_name)
-    n, frames = len(generated["full"]) // runs, facts["frames"]
+    n, frames, repeat = len(generated["full"]) // runs, facts["frames"], facts.get("repeat_frames", 1)
     split = lambda feats: [feats[r * n:(r + 1) * n] for r in range(runs)]   # noqa: E731
-    metrics, per_run = fvd_kvd(real_of(frames, False), split(generated["full"]), protocol, str(frames))
-    variants = {f"{frames}": "whole samples vs whole real clips"}
+    name = f"{frames}" if repeat == 1 else f"{frames}x{repeat}"
+    metrics, per_run = fvd_kvd(real_of(frames, False), split(generated["full"]), protocol, name)
+    variants = {name: "whole samples vs whole real clips" + (f", every frame shown {repeat} times on both sides"
+                                                              if repeat > 1 else "")}
     if "windows" in generated:
         windows = generated["windows"]   # [N, W, 400]
         pooled = [p.reshape(-1, windows.shape[-1]) for p in split(windows)]

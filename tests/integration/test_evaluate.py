@@ -232,3 +232,36 @@ def test_no_fvd_reports_the_code_metrics_and_sampling_overrides_go_on_the_runs_s
     # ctemp given, every other key from the run (which trained with sampling.steps=2)
     assert report["sampling"]["ctemp"] == 3.0 and report["sampling"]["steps"] == 2
     assert report["sampling_from"] == "given"
+
+
+def test_samples_too_short_for_i3d_are_refused_before_sampling_then_scored_with_repeated_frames(trained, tmp_path):
+    from mebt.eval.evaluate import EvalConfig, real_clips
+    from mebt.eval.fvd import fvd
+    from mebt.eval.i3d import i3d_features
+    from mebt.eval.i3d_weights import load_i3d
+
+    # The first 8 of the 16 frames: I3D needs 9.
+    args = ["--checkpoint", trained["run_dir"], "--num-samples", 4, "--batch-size", 4, "--i3d", trained["i3d"],
+            "--real-dir", trained["videos"], "--real-split", "train", "--num-real", 4, "--cache-dir",
+            tmp_path / "cache", "--no-mlflow", "--out", tmp_path / "out", "--frames", 8]
+    done = mebt_eval(*args)
+    assert done.returncode == 2 and "pass --repeat-frames 2" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()   # refused before any sampling
+    done = mebt_eval(*args, "--repeat-frames", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["metrics"]) == {"fvd8x2", "kvd8x2"} | CODE_METRICS
+    assert report["protocol"]["frames"] == 8 and report["protocol"]["repeat_frames"] == 2
+    # Both sides are the first 8 frames with every frame shown twice, and the FVD is theirs.
+    i3d = load_i3d(trained["i3d"])
+    videos = np.load(tmp_path / "out" / "samples" / "batch_00000.npz")["video"][:, :8]
+    [stored] = (tmp_path / "out" / "features").glob("*/batch_00000.npz")
+    generated = np.load(stored)["full"]
+    assert np.allclose(generated, i3d_features(i3d, np.repeat(videos, 2, axis=1)), rtol=1e-4, atol=1e-4)
+    [key] = [p for p in (tmp_path / "cache").glob("*.json") if "i3d" in json.loads(p.read_text())]   # not the codes
+    assert json.loads(key.read_text())["frames"] == 8 and json.loads(key.read_text())["repeat_frames"] == 2
+    real = np.load(key.with_suffix(".npy"))
+    cfg = EvalConfig(checkpoint="unused", real_dir=str(trained["videos"]), real_split="train", num_real=4)
+    clips = real_clips(cfg, 8, videos.shape[2], report["protocol"]["real_frame_stride"])
+    assert np.allclose(real, i3d_features(i3d, np.repeat(clips, 2, axis=1)), rtol=1e-4, atol=1e-4)
+    assert report["metrics"]["fvd8x2"] == pytest.approx(fvd(real, generated))
