@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mebt.config import load_config, refuse_changed_settings, to_dict
@@ -231,6 +230,7 @@ class Demo:
         from mebt.eval.fvd import fvd, kvd
         from mebt.eval.i3d import i3d_features
         from mebt.eval.i3d_weights import load_i3d
+        from mebt.eval.scoring import repeat_frames
         from mebt.media import to_uint8
         from mebt.tokenizer.checkpoint import load_tokenizer
 
@@ -257,7 +257,7 @@ class Demo:
                    "code_tv": round(code_tv(generated, codes["test"], vocab), 4),
                    "code_tv_train_clips": round(code_tv(codes["train"], codes["test"], vocab), 4)}
         repeat = -(-16 // self.cfg.clip_frames)
-        features = {name: i3d_features(i3d, np.repeat(to_uint8(v), repeat, axis=1), desc=f"I3D features ({name})")
+        features = {name: i3d_features(i3d, repeat_frames(to_uint8(v), repeat), desc=f"I3D features ({name})")
                     for name, v in videos.items()}
         for name, key in (("generated", ""), ("train", "_train_clips"), ("reconstructions", "_reconstructions")):
             metrics[f"fvd{key}"] = round(fvd(features["test"], features[name]), 2)
