@@ -11,8 +11,9 @@ threads): the first is what a GPU waits for, the second what the CPUs next to it
 
 The demo size runs for real: the demo's MeBT (6 layers, width 128, 4x8x8 codes of 128) and a VQGAN of the
 demo tokenizer's shape (2x4x4 downsampling, 8 hidden channels) on 8-frame 32x32 clips resized from
-256x256 mp4 files (the size of typical 240p sources: decoding cost follows the source, not the model). The paper size is estimated from FLOPs, counted on the meta device (nothing is allocated): the
-released TATS VQGAN encoder (4x8x8) against the paper MeBT's training step, per clip, at 16 and 128 frames.
+256x256 mp4 files (the size of typical 240p sources: decoding cost follows the source, not the model). The
+paper size is estimated from FLOPs, counted on the meta device (nothing is allocated): the released TATS
+VQGAN encoder (4x8x8) against the paper MeBT's training step, per clip, at 16 and 128 frames.
 """
 from __future__ import annotations
 

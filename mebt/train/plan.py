@@ -196,7 +196,8 @@ def memory_per_gpu(cfg: RunConfig, gpus: int) -> dict:
         model = MeBT(cfg.model)
     params = model.num_params()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    zero = deepspeed_config(cfg, gpus, "cuda")["zero_optimization"]
+    generated = deepspeed_config(cfg, gpus, "cuda")
+    zero = generated["zero_optimization"]
     width = 4 if ds.precision == "fp32" else 2
     buckets = (2 if zero.get("overlap_comm") else 1) * zero.get("reduce_bucket_size", 0) * width \
         + zero.get("allgather_bucket_size", 0) * width
@@ -211,7 +212,7 @@ def memory_per_gpu(cfg: RunConfig, gpus: int) -> dict:
     fixed = memory["model_states"] + buckets + memory["loss_chunk"]
     return {**memory, "total": fixed + memory["activations"],
             "total_checkpointed": fixed + memory["activations_checkpointed"], "worst_split": [n_ctx, n_tgt],
-            "params": params}
+            "params": params, "grad_accum": generated["gradient_accumulation_steps"]}   # deepspeed.extra may set it
 
 
 def resolve_checkpointing(cfg: RunConfig, gpus: int, capacity: int | None,
@@ -234,11 +235,10 @@ def plan(job: PlanJob) -> dict:
     """The plan as a dict (what ``format_plan`` prints)."""
     cfg, gpu = job, GPUS[job.gpu]
     ds = cfg.deepspeed
-    accum = deepspeed_config(job, job.gpus, "cuda")["gradient_accumulation_steps"]   # deepspeed.extra may set it
     memory = memory_per_gpu(cfg, job.gpus)
     capacity = gpu.memory_gib * GIB
     checkpointing, why = resolve_checkpointing(cfg, job.gpus, capacity, memory)
-    params, (n_ctx, n_tgt) = memory.pop("params"), memory.pop("worst_split")
+    params, accum, (n_ctx, n_tgt) = memory.pop("params"), memory.pop("grad_accum"), memory.pop("worst_split")
     micro = cfg.data.batch_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
     peak = peak_for_name(gpu.name, dtype)
