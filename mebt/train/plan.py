@@ -259,8 +259,8 @@ def plan(job: PlanJob) -> dict:
            "global_batch": samples_per_gpu * job.gpus, "micro_batch": micro, "grad_accum": accum,
            "zero_stage": ds.zero_stage, "precision": ds.precision, "worst_split": [n_ctx, n_tgt],
            "memory_bytes": {**memory, "capacity": capacity}, "grad_checkpoint": checkpointing,
-           "grad_checkpoint_setting": cfg.model.grad_checkpoint, "grad_checkpoint_why": why, "steps": steps, "comm_bytes": volume, "comm_s": comm_s,
-           "bandwidth_bytes_s": bandwidth, "mfu": job.mfu}
+           "grad_checkpoint_setting": cfg.model.grad_checkpoint, "grad_checkpoint_why": why, "steps": steps,
+           "comm_bytes": volume, "comm_s": comm_s, "bandwidth_bytes_s": bandwidth, "mfu": job.mfu}
     out["warnings"] = warnings_of(out, cfg)
     return out
 
